@@ -1,0 +1,476 @@
+# Text generation: compiled prefill and decode over a static KV cache, sampling, speculative decoding, chat.
+import argparse
+import contextlib
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch._inductor.config
+
+from model import CONFIG_NAME, ModelArgs, Transformer
+
+torch._inductor.config.coordinate_descent_tuning = True
+torch._inductor.config.triton.unique_kernel_names = True
+torch._inductor.config.fx_graph_cache = True  # later runs reuse compiled kernels
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+def device_sync(device):
+    if "cuda" in str(device):
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def multinomial_sample_one_no_sync(probs: torch.Tensor) -> torch.Tensor:
+    # argmax(p / q) with q ~ Exp(1) draws from p with no host sync (torch.multinomial syncs)
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampled from; temperature 0 gives the one-hot of the argmax (exact greedy,
+    and it keeps speculative decoding's acceptance rule exact too)."""
+    if temperature == 0:
+        idx = torch.argmax(logits, dim=-1)
+        return torch.nn.functional.one_hot(idx, logits.size(-1)).to(logits.dtype)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
+    return torch.nn.functional.softmax(logits, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature == 0:
+        return torch.argmax(probs, dim=-1, keepdim=True).to(dtype=torch.int)
+    return multinomial_sample_one_no_sync(probs)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
+    """logits [B, S, V] -> next token [B, 1] from the last position, and its distribution [B, V]."""
+    probs = logits_to_probs(logits[:, -1], temperature, top_k)
+    return sample_from_probs(probs, temperature), probs
+
+
+# ---------------------------------------------------------------------------------------------------- model steps
+
+def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs) -> torch.Tensor:
+    # x: [B, S], input_pos: [S]
+    logits = model(x, input_pos, last_only=True)
+    return sample(logits, **sampling_kwargs)[0]
+
+
+def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs):
+    # x: [B, 1], input_pos: [1]
+    logits = model(x, input_pos)
+    return sample(logits, **sampling_kwargs)
+
+
+class TokenReader:
+    """Brings generated tokens to the host one step late, so the GPU is never idle waiting for the host."""
+
+    def __init__(self, device):
+        self.cuda = "cuda" in str(device)
+        self.pending = []
+
+    def push(self, token: torch.Tensor) -> None:
+        if self.cuda:
+            host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+            host.copy_(token, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host, event))
+        else:
+            self.pending.append((token, None))
+
+    def pop(self) -> list:
+        host, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return host[:, 0].tolist()
+
+
+def decode_n_tokens(model: Transformer, cur_token: torch.Tensor, input_pos: torch.Tensor, num_new_tokens: int,
+                    on_token: Optional[Callable[[list], bool]] = None, **sampling_kwargs) -> list:
+    """Decode up to num_new_tokens tokens after cur_token [B, 1]. on_token(ids of one step) returns True to stop;
+    it sees each step one step late, so at most one extra token is computed and then dropped."""
+    new_tokens, seen = [], 0
+    reader = TokenReader(cur_token.device) if on_token else None
+    for _ in range(num_new_tokens):
+        next_token, _ = decode_one_token(model, cur_token, input_pos, **sampling_kwargs)
+        input_pos += 1
+        cur_token = next_token.clone()  # the CUDA graph overwrites its output on the next replay
+        new_tokens.append(cur_token)
+        if reader is not None:
+            reader.push(cur_token)
+            if len(reader.pending) > 1:
+                seen += 1
+                if on_token(reader.pop()):
+                    return new_tokens[:seen]
+    while reader is not None and reader.pending:
+        seen += 1
+        if on_token(reader.pop()):
+            return new_tokens[:seen]
+    return new_tokens
+
+
+def model_forward(model, x, input_pos):
+    return model(x, input_pos)
+
+
+def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: torch.Tensor, input_pos: int,
+                       speculate_k: int, **sampling_kwargs) -> torch.Tensor:
+    """One round: the draft proposes k tokens, the target checks k + 1 positions at once, and rejection sampling keeps
+    the output distributed exactly as the target's. Batch size 1. Returns the accepted tokens [n] (1 <= n <= k + 1)."""
+    device = cur_token.device
+    orig_pos = torch.tensor([input_pos], dtype=torch.int64, device=device)
+    draft_tokens, draft_probs = [], []
+    tok = cur_token.view(1, 1)
+    for i in range(speculate_k):
+        tok, p = decode_one_token(draft_model, tok.view(1, 1), orig_pos + i, **sampling_kwargs)
+        tok = tok.clone()
+        draft_tokens.append(tok.view(1))
+        draft_probs.append(p.clone())
+    draft_tokens = torch.cat(draft_tokens)
+    draft_probs = torch.cat(draft_probs)  # [k, Vd]
+
+    x = torch.cat([cur_token.view(1), draft_tokens]).view(1, -1)
+    target_logits = model_forward(model, x, torch.arange(input_pos, input_pos + speculate_k + 1, device=device))
+    target_probs = logits_to_probs(target_logits[0], **sampling_kwargs)  # [k + 1, V]
+
+    # the draft may have a narrower vocabulary (151936 vs 152064): its missing ids have probability 0
+    vocab = target_probs.size(-1)
+    if draft_probs.size(-1) < vocab:
+        draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.size(-1)))
+    draft_probs = draft_probs[:, :vocab]
+
+    idx = torch.arange(speculate_k, device=device)
+    p = draft_probs[idx, draft_tokens.long()]
+    q = target_probs[idx, draft_tokens.long()]
+    accept = torch.rand(speculate_k, device=device) < torch.clamp(q / p, max=1.0)
+    rejected = (~accept).nonzero()  # the one host sync of a round
+    if rejected.numel() == 0:  # all accepted: one more token from the target, and catch the draft up
+        last = sample_from_probs(target_probs[-1:], sampling_kwargs.get("temperature", 1.0))[0]
+        decode_one_token(draft_model, draft_tokens[-1].view(1, 1), orig_pos + speculate_k, **sampling_kwargs)
+        return torch.cat([draft_tokens, last])
+    n = rejected[0, 0].item()
+    residual = torch.clamp(target_probs[n] - draft_probs[n], min=0)
+    residual = residual / residual.sum()
+    return torch.cat([draft_tokens[:n], sample_from_probs(residual[None], sampling_kwargs.get("temperature", 1.0))[0]])
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, batch_size: int = 1,
+             draft_model: Optional[Transformer] = None, speculate_k: int = 8, cached_len: int = 0,
+             on_token: Optional[Callable[[list], bool]] = None, **sampling_kwargs):
+    """Generate after prompt [T]. Returns ([B, T + new] tokens, stats). The KV cache must already hold the first
+    cached_len prompt tokens (a chat turn re-uses the history's cache); setup_caches is the caller's job."""
+    device = prompt.device
+    T = prompt.size(0)
+    max_new_tokens = min(max_new_tokens, model.max_seq_length - T - (speculate_k + 1 if draft_model else 0))
+    if max_new_tokens < 1:
+        raise UserError(f"the prompt has {T} tokens and leaves no room in the cache of {model.max_seq_length}")
+    seq = prompt.view(1, -1).repeat(batch_size, 1)
+    input_pos = torch.arange(cached_len, T, device=device)
+    next_token = prefill(model, seq[:, cached_len:], input_pos, **sampling_kwargs).clone()
+    stats = {"accept_counts": [0] * (speculate_k + 1)} if draft_model else {}
+    stopped = on_token is not None and on_token(next_token[:, 0].tolist())
+    if draft_model is None:
+        new = [] if stopped else decode_n_tokens(model, next_token.view(batch_size, 1),
+                                                 torch.tensor([T], device=device, dtype=torch.int64),
+                                                 max_new_tokens - 1, on_token, **sampling_kwargs)
+        return torch.cat([seq, next_token] + new, dim=1), stats
+    # speculative: batch 1; the draft fills its cache with the prompt first
+    prefill(draft_model, seq[:, cached_len:], input_pos, **sampling_kwargs)
+    out = [next_token.view(1)]
+    pos, n_new = T, 1
+    while not stopped and n_new < max_new_tokens:
+        accepted = speculative_decode(model, draft_model, out[-1][-1:], pos, speculate_k, **sampling_kwargs)
+        stats["accept_counts"][len(accepted) - 1] += 1
+        accepted = accepted[: max_new_tokens - n_new]
+        if on_token is not None:
+            ids = accepted.tolist()
+            for j, t in enumerate(ids):
+                if on_token([t]):
+                    accepted, stopped = accepted[: j + 1], True
+                    break
+        out.append(accepted)
+        pos += len(accepted)
+        n_new += len(accepted)
+    return torch.cat([seq, torch.cat(out).view(1, -1)], dim=1), stats
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = False) -> Transformer:
+    """Build on the meta device and map the weights in: no copy until they move to the device."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: prepare one with scripts/prepare.sh (see README)")
+    config_path = path.parent / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{config_path} not found: convert the checkpoint with scripts/convert_hf_checkpoint.py "
+                        "or scripts/convert_gguf.py, which write it beside model.pth")
+    try:
+        args = ModelArgs.from_file(config_path)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{config_path} is not a valid model config ({e}): convert the checkpoint again")
+    try:
+        checkpoint = torch.load(str(path), mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or incomplete; "
+                        "convert or download it again")
+    with torch.device("meta"):
+        model = Transformer(args)
+    if isinstance(checkpoint, dict) and "quantization" in checkpoint:
+        import quantize
+        quantize.prepare_for_load(model, checkpoint)  # swaps in the quantized modules the checkpoint was made for
+    try:
+        model.load_state_dict(checkpoint, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{path} does not match {config_path.name}: {first}")
+    if args.tie_word_embeddings and not hasattr(model.output, "weight_packed"):
+        model.output.weight = model.tok_embeddings.weight
+    if use_tp:
+        import tp
+        tp.apply_tp(model)
+    model = model.to(device=device, dtype=precision)
+    return model.eval()
+
+
+def model_size_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads: every weight once, the embedding table only one row (counted as nothing)."""
+    seen, total = set(), 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if "tok_embeddings" in name or "cache" in name or name in ("rope", "causal_mask") or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    if model.config.tie_word_embeddings and hasattr(model.output, "weight"):
+        total += model.output.weight.numel() * model.output.weight.element_size()  # read as the head
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def encode_prompt(tokenizer, text: str, device) -> torch.Tensor:
+    ids = tokenizer.encode(text)
+    if tokenizer.add_bos and tokenizer.bos_id() is not None:
+        ids = [tokenizer.bos_id()] + ids
+    return torch.tensor(ids, dtype=torch.int, device=device)
+
+
+class Streamer:
+    """Prints text as tokens arrive; stops at the tokenizer's end-of-turn ids."""
+
+    def __init__(self, tokenizer, stop_ids, echo=True):
+        self.tokenizer, self.stop_ids, self.echo = tokenizer, set(stop_ids), echo
+        self.ids, self.printed = [], ""
+
+    def __call__(self, step_ids: list) -> bool:
+        t = step_ids[0]
+        if t in self.stop_ids:
+            return True
+        self.ids.append(t)
+        if self.echo:
+            text = self.tokenizer.decode(self.ids)
+            if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
+                print(text[len(self.printed):], end="", flush=True)
+                self.printed = text
+        return False
+
+
+def main(args) -> None:
+    from tokenizer import get_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        args.precision or ("bfloat16" if "cuda" in device else "float32")]
+    rank = 0
+    use_tp = False
+    if "LOCAL_RANK" in __import__("os").environ:
+        import tp
+        rank = tp.maybe_init_dist()
+        use_tp = rank is not None
+        if use_tp:
+            device = f"cuda:{rank}" if "cuda" in device else device
+            if rank != 0:
+                sys.stdout = open(__import__("os").devnull, "w")  # only rank 0 prints
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, device, precision, use_tp)
+    draft_model = None
+    if args.draft_checkpoint_path:
+        draft_model = load_model(args.draft_checkpoint_path, device, precision, use_tp)
+    device_sync(device)
+    print(f"Loaded the model in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+    ckpt_dir = Path(args.checkpoint_path).parent
+    try:
+        tokenizer = get_tokenizer(args.tokenizer_path or ckpt_dir)
+    except ValueError as e:
+        raise UserError(str(e))
+    if draft_model is not None:
+        check_draft_tokenizer(tokenizer, get_tokenizer(Path(args.draft_checkpoint_path).parent))
+    stop_ids = set() if args.ignore_eos else tokenizer.stop_ids()
+
+    if args.prompt.isdigit():  # a synthetic prompt of that many tokens
+        gen = torch.Generator().manual_seed(1234)
+        prompt = torch.randint(0, min(model.config.vocab_size, 1000), (int(args.prompt),), generator=gen)
+        prompt = prompt.to(device=device, dtype=torch.int)
+    else:
+        prompt = encode_prompt(tokenizer, args.prompt, device)
+    block = model.config.block_size
+    if not args.interactive and prompt.numel() >= block:
+        raise UserError(f"the prompt has {prompt.numel()} tokens but the model's context is {block}: shorten it")
+    spec_room = args.speculate_k + 1 if draft_model else 0
+    max_seq = min(block, args.max_seq_length) if args.interactive else \
+        min(block, prompt.numel() + args.max_new_tokens + spec_room)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=args.batch_size, max_seq_length=max_seq)
+        if draft_model is not None:
+            draft_model.setup_caches(max_batch_size=args.batch_size, max_seq_length=max_seq)
+
+    global decode_one_token, prefill, model_forward
+    if args.compile:
+        if draft_model is not None:
+            model_forward = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
+        decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        if args.compile_prefill:
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+
+    sampling = dict(temperature=args.temperature, top_k=args.top_k)
+    gen_kwargs = dict(batch_size=args.batch_size, draft_model=draft_model, speculate_k=args.speculate_k, **sampling)
+    if args.interactive:
+        return chat(model, tokenizer, stop_ids, args, device, gen_kwargs)
+
+    n_bytes = model_size_bytes(model)
+    aggregate = {"tokens_per_sec": [], "accept_counts": []}
+    start = -1 if args.compile else 0
+    for i in range(start, args.num_samples):
+        device_sync(device)
+        streamer = Streamer(tokenizer, stop_ids, echo=i >= 0 and args.batch_size == 1 and not args.prompt.isdigit())
+        if i >= 0 and streamer.echo:
+            print(args.prompt, end="", flush=True)
+        prof = torch.profiler.profile() if (i == args.num_samples - 1 and args.profile) else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with prof:
+            y, stats = generate(model, prompt, args.max_new_tokens, on_token=streamer, **gen_kwargs)
+        device_sync(device)
+        t = time.perf_counter() - t0
+        if i == -1:
+            print(f"Compilation time: {t:.2f} seconds", file=sys.stderr)
+            continue
+        if args.profile and i == args.num_samples - 1:
+            prof.export_chrome_trace(f"{args.profile}.json")
+        if not streamer.echo:
+            print(tokenizer.decode(y[0, prompt.numel():].tolist()))
+        print()
+        n = y.size(1) - prompt.numel()
+        tok_s = n * args.batch_size / t
+        aggregate["tokens_per_sec"].append(tok_s)
+        if stats.get("accept_counts"):
+            aggregate["accept_counts"].append(stats["accept_counts"])
+        print(f"Time for inference {i + 1}: {t:.02f} sec total, {n} tokens, {tok_s:.02f} tokens/sec", file=sys.stderr)
+        print(f"Bandwidth achieved: {n_bytes * tok_s / args.batch_size / 1e9:.02f} GB/s", file=sys.stderr)
+    if aggregate["accept_counts"]:
+        counts = [sum(c) for c in zip(*aggregate["accept_counts"])]
+        total = sum(counts)
+        print(f"Acceptance probs: {[round(c / total, 3) for c in counts]}", file=sys.stderr)
+        print(f"Mean Accepted: {sum(i * c for i, c in enumerate(counts)) / total:.2f}", file=sys.stderr)
+    print("==========", file=sys.stderr)
+    print(f"Average tokens/sec: {sum(aggregate['tokens_per_sec']) / len(aggregate['tokens_per_sec']):.2f}",
+          file=sys.stderr)
+    if "cuda" in device:
+        print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
+
+
+def check_draft_tokenizer(tokenizer, draft_tokenizer) -> None:
+    probe = "Hello, world! 1234 你好 \n\tdef f(x): return x"
+    if tokenizer.encode(probe) != draft_tokenizer.encode(probe) or tokenizer.eos_id() != draft_tokenizer.eos_id():
+        raise UserError("the draft model's tokenizer differs from the target's: use a draft of the same family")
+
+
+def chat(model, tokenizer, stop_ids, args, device, gen_kwargs) -> None:
+    """Multi-turn chat: the whole history is rendered with the checkpoint's template each turn, and the KV cache
+    of the part already seen is kept, so only the new turn is prefilled."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    cached = []
+    print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        if len(ids) + 1 >= model.max_seq_length:
+            print(f"[the conversation has reached the context of {model.max_seq_length} tokens; start a new one]")
+            break
+        common = 0
+        while common < min(len(ids), len(cached)) - 1 and ids[common] == cached[common]:
+            common += 1
+        streamer = Streamer(tokenizer, stop_ids)
+        prompt = torch.tensor(ids, dtype=torch.int, device=device)
+        generate(model, prompt, args.max_new_tokens, cached_len=common, on_token=streamer, **gen_kwargs)
+        print()
+        reply = tokenizer.decode(streamer.ids)
+        messages.append({"role": "assistant", "content": reply})
+        cached = ids + streamer.ids[:-1]  # the last new token was never fed to the model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a Llama- or Qwen-family model.")
+    p.add_argument("--prompt", type=str, default="Hello, my name is",
+                   help="input text, or an integer for a synthetic prompt of that many tokens")
+    p.add_argument("--interactive", action="store_true", help="chat with the model, keeping the history")
+    p.add_argument("--system", type=str, default=None, help="system prompt for --interactive")
+    p.add_argument("--num_samples", type=int, default=5, help="number of samples")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="largest number of new tokens")
+    p.add_argument("--batch_size", type=int, default=1, help="batch size (the prompt is repeated)")
+    p.add_argument("--top_k", type=int, default=200, help="top-k for sampling")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy")
+    p.add_argument("--seed", type=int, default=1234, help="random seed")
+    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"),
+                   help="model.pth written by one of the converters (or quantize.py)")
+    p.add_argument("--tokenizer_path", type=Path, default=None, help="tokenizer file or folder (default: beside it)")
+    p.add_argument("--compile", action="store_true", help="compile decoding (CUDA graphs on GPU)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic prompt length)")
+    p.add_argument("--profile", type=Path, default=None, help="write a profiler trace of the last sample here")
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft model proposes per round")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
+    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="weights and activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max_seq_length", type=int, default=8192, help="KV cache length for --interactive")
+    p.add_argument("--ignore_eos", action="store_true", help="do not stop at end-of-text (for benchmarks)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be at least 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.draft_checkpoint_path and args.batch_size != 1:
+        p.error("speculative decoding supports --batch_size 1 only")
+    if args.speculate_k < 1:
+        p.error("--speculate_k must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

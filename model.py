@@ -1,0 +1,249 @@
+# The transformer: Llama and Qwen (1, 1.5, 2, 2.5, 3) in one set of modules, with a static KV cache.
+# Family differences are ModelArgs fields whose defaults mean "plain Llama".
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048  # longest context the model was trained for
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: Optional[int] = None
+    n_local_heads: int = -1  # key/value heads; -1 means n_head (no GQA)
+    head_dim: Optional[int] = None  # Qwen3 sets it apart from dim // n_head
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen 1 / 1.5 / 2 / 2.5
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.intermediate_size = find_multiple(hidden, 256)
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_local_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "llama3") not in ("llama3", "default"):
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling}: only llama3 scaling is implemented")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        # Exact names only: a wrong guess would silently give a model the wrong shape.
+        if name not in transformer_configs:
+            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(transformer_configs)}")
+        return cls(**transformer_configs[name])
+
+    @classmethod
+    def from_file(cls, path) -> "ModelArgs":
+        cfg = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {sorted(unknown)}")
+        return cls(**cfg)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+CONFIG_NAME = "model_config.json"  # beside model.pth; HF's config.json stays untouched
+
+# Real shapes, used by the benchmark with random weights. Checkpoints carry their own config.
+_llama3_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+transformer_configs = {
+    "llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, vocab_size=32000, block_size=4096),
+    "llama-2-13b": dict(n_layer=40, n_head=40, dim=5120, vocab_size=32000, block_size=4096),
+    "llama-2-70b": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672,
+                        vocab_size=32000, block_size=4096),
+    "llama-3-8b": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000.0, block_size=8192),
+    "llama-3.1-8b": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000.0, block_size=131072, rope_scaling=_llama3_rope),
+    "llama-3.2-1b": dict(n_layer=16, n_head=32, dim=2048, n_local_heads=8, intermediate_size=8192, head_dim=64,
+                         vocab_size=128256, rope_base=500000.0, block_size=131072, tie_word_embeddings=True,
+                         rope_scaling=dict(_llama3_rope, factor=32.0)),
+    "qwen2.5-0.5b": dict(n_layer=24, n_head=14, dim=896, n_local_heads=2, intermediate_size=4864,
+                         vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, block_size=32768,
+                         qkv_bias=True, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(n_layer=28, n_head=28, dim=3584, n_local_heads=4, intermediate_size=18944,
+                       vocab_size=152064, rope_base=1000000.0, norm_eps=1e-6, block_size=32768, qkv_bias=True),
+    "qwen3-8b": dict(n_layer=36, n_head=32, dim=4096, n_local_heads=8, intermediate_size=12288, head_dim=128,
+                     vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, block_size=40960, qk_norm=True),
+    "smollm2-135m": dict(n_layer=30, n_head=9, dim=576, n_local_heads=3, intermediate_size=1536, vocab_size=49152,
+                         rope_base=100000.0, block_size=8192, tie_word_embeddings=True),
+}
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype=torch.bfloat16):
+        super().__init__()
+        cache_shape = (max_batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
+        # input_pos: [S], k_val: [B, H, S, D]
+        self.k_cache.index_copy_(2, input_pos, k_val)
+        self.v_cache.index_copy_(2, input_pos, v_val)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32 whatever the model dtype, as the reference implementations do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def precompute_rope(seq_len: int, head_dim: int, base: float, rope_scaling: Optional[dict] = None) -> Tensor:
+    """cos and sin for every position, stacked as [seq_len, 2, head_dim // 2], in float32."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope_scaling is not None and rope_scaling.get("rope_type", "llama3") == "llama3":
+        freqs = apply_llama3_scaling(freqs, rope_scaling)
+    t = torch.arange(seq_len, dtype=torch.float32)
+    angles = torch.outer(t, freqs)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def apply_llama3_scaling(freqs: Tensor, s: dict) -> Tensor:
+    # Llama-3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old_len / low, freqs / factor, blended)
+    return torch.where(wavelen < old_len / high, freqs, out)
+
+
+def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
+    # x: [B, S, H, D] with the two rotated halves side by side (the Hugging Face layout); rope: [S, 2, D // 2]
+    cos = rope[None, :, None, 0].repeat(1, 1, 1, 2)
+    sin = rope[None, :, None, 1].repeat(1, 1, 1, 2)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        # sizes are read off the module so that tp.py can shard heads without touching this file
+        q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                           enable_gqa=self.n_head != self.n_local_heads)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope: Optional[Tensor] = None
+        self.causal_mask: Optional[Tensor] = None
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        max_seq_length = find_multiple(max_seq_length, 8)
+        self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for b in self.layers:
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads,
+                                           b.attention.head_dim, dtype).to(device)
+        self.rope = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base,
+                                    self.config.rope_scaling).to(device)
+        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+
+    def forward(self, idx: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
+        # idx: [B, S] token ids at positions input_pos: [S]. Returns logits [B, S, vocab] (or [B, 1, vocab]).
+        assert self.rope is not None, "call setup_caches first"
+        mask = self.causal_mask[None, None, input_pos]
+        rope = self.rope[input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
