@@ -241,7 +241,10 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
         model.output.weight = model.tok_embeddings.weight
     if use_tp:
         import tp
-        tp.apply_tp(model)
+        try:
+            tp.apply_tp(model)
+        except ValueError as e:
+            raise UserError(str(e))
     model = model.to(device=device, dtype=precision)
     return model.eval()
 
@@ -298,12 +301,14 @@ def main(args) -> None:
     use_tp = False
     if "LOCAL_RANK" in __import__("os").environ:
         import tp
-        rank = tp.maybe_init_dist()
+        try:
+            rank = tp.maybe_init_dist(device)
+        except ValueError as e:
+            raise UserError(str(e))
         use_tp = rank is not None
         if use_tp:
             device = f"cuda:{rank}" if "cuda" in device else device
-            if rank != 0:
-                sys.stdout = open(__import__("os").devnull, "w")  # only rank 0 prints
+            tp.quiet_other_ranks(rank)  # only rank 0 prints; other ranks still show a crash
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
