@@ -4,6 +4,7 @@
 #
 #   torchrun --standalone --nproc_per_node=2 generate.py --compile --checkpoint_path checkpoints/.../model.pth
 import atexit
+import io
 import os
 import sys
 import time
@@ -47,13 +48,14 @@ def maybe_init_dist(device: Optional[str] = None) -> Optional[int]:
     return rank
 
 
-class _ErrorLinesOnly:
+class _ErrorLinesOnly(io.TextIOWrapper):
     """stderr of a rank other than 0: drops progress lines, keeps `error: ...` lines but holds them back a moment.
     Rank 0 meets the same input error and prints it; torchrun then stops this rank before a copy appears. Should rank 0
-    lag, the message still comes, from here."""
+    lag, the message still comes, from here. A real file underneath (os.devnull), for code that asks for fileno()."""
     GRACE_S = 3.0
 
     def __init__(self, rank: int):
+        super().__init__(open(os.devnull, "wb"), line_buffering=True)
         self.rank, self.pending = rank, ""
 
     def write(self, text: str) -> int:
@@ -65,9 +67,6 @@ class _ErrorLinesOnly:
                 sys.__stderr__.write(f"[rank{self.rank}]: {line}\n")
                 sys.__stderr__.flush()
         return len(text)
-
-    def flush(self) -> None:
-        pass
 
 
 def quiet_other_ranks(rank: int) -> None:
@@ -131,8 +130,9 @@ def _take(t: torch.Tensor, axis: int, n_features: int, spans: list) -> torch.Ten
     parts = []
     for start, stop in spans:
         if (start * size) % n_features or (stop * size) % n_features:
-            raise ValueError(f"features {start}:{stop} of {n_features} do not fall on whole entries of a tensor "
-                             f"of {size} along that axis (quantization groups too large for this split?)")
+            raise ValueError(f"its {size} entries along axis {axis} cannot be cut at features {start}:{stop} of "
+                             f"{n_features}: quantization groups would straddle two processes; use fewer processes "
+                             "or quantize with a smaller --groupsize")
         parts.append(t.narrow(axis, start * size // n_features, (stop - start) * size // n_features))
     return torch.cat(parts, axis) if len(parts) > 1 else parts[0].contiguous()
 
