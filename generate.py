@@ -133,8 +133,11 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
     orig_pos = torch.tensor([input_pos], dtype=torch.int64, device=device)
     draft_tokens, draft_probs = [], []
     tok = cur_token.view(1, 1)
+    # the target may emit ids past a narrower draft vocabulary (padding rows); feed the draft a valid id instead:
+    # exactness only needs the draft's proposals and their probabilities, whatever the draft was fed
+    draft_max = draft_model.config.vocab_size - 1
     for i in range(speculate_k):
-        tok, p = decode_one_token(draft_model, tok.view(1, 1), orig_pos + i, **sampling_kwargs)
+        tok, p = decode_one_token(draft_model, tok.view(1, 1).clamp(max=draft_max), orig_pos + i, **sampling_kwargs)
         tok = tok.clone()
         draft_tokens.append(tok.view(1))
         draft_probs.append(p.clone())
@@ -188,7 +191,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, b
                                                  max_new_tokens - 1, on_token, **sampling_kwargs)
         return torch.cat([seq, next_token] + new, dim=1), stats
     # speculative: batch 1; the draft fills its cache with the prompt first
-    prefill(draft_model, seq[:, cached_len:], input_pos, **sampling_kwargs)
+    prefill(draft_model, seq[:, cached_len:].clamp(max=draft_model.config.vocab_size - 1), input_pos,
+            **sampling_kwargs)
     out = [next_token.view(1)]
     pos, n_new = T, 1
     while not stopped and n_new < max_new_tokens:
@@ -229,15 +233,19 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
                         "convert or download it again")
     with torch.device("meta"):
         model = Transformer(args)
-    if isinstance(checkpoint, dict) and "quantization" in checkpoint:
+    quantized = isinstance(checkpoint, dict) and "quantization" in checkpoint
+    if quantized:
         import quantize
-        quantize.prepare_for_load(model, checkpoint)  # swaps in the quantized modules the checkpoint was made for
+        try:
+            quantize.prepare_for_load(model, checkpoint)  # swaps in the quantized modules the checkpoint was made for
+        except ValueError as e:
+            raise UserError(f"{path}: {e}")
     try:
         model.load_state_dict(checkpoint, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"{path} does not match {config_path.name}: {first}")
-    if args.tie_word_embeddings and not hasattr(model.output, "weight_packed"):
+    if args.tie_word_embeddings and isinstance(model.output, torch.nn.Linear):  # a quantized head has its own weight
         model.output.weight = model.tok_embeddings.weight
     if use_tp:
         import tp
@@ -246,6 +254,8 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
         except ValueError as e:
             raise UserError(str(e))
     model = model.to(device=device, dtype=precision)
+    if quantized:
+        quantize.pack_for_device(model)  # int4 weights take their device kernel's layout
     return model.eval()
 
 
@@ -257,7 +267,7 @@ def model_size_bytes(model: Transformer) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    if model.config.tie_word_embeddings and hasattr(model.output, "weight"):
+    if getattr(model.output, "weight", None) is model.tok_embeddings.weight:
         total += model.output.weight.numel() * model.output.weight.element_size()  # read as the head
     return total
 
@@ -337,6 +347,9 @@ def main(args) -> None:
     block = model.config.block_size
     if not args.interactive and prompt.numel() >= block:
         raise UserError(f"the prompt has {prompt.numel()} tokens but the model's context is {block}: shorten it")
+    if not args.interactive and prompt.numel() + args.max_new_tokens > block:
+        raise UserError(f"the prompt ({prompt.numel()} tokens) plus --max_new_tokens {args.max_new_tokens} exceeds "
+                        f"the model's context of {block} tokens: lower --max_new_tokens")
     spec_room = args.speculate_k + 1 if draft_model else 0
     max_seq = min(block, args.max_seq_length) if args.interactive else \
         min(block, prompt.numel() + args.max_new_tokens + spec_room)

@@ -102,10 +102,11 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
-        # input_pos: [S], k_val: [B, H, S, D]
-        self.k_cache.index_copy_(2, input_pos, k_val)
-        self.v_cache.index_copy_(2, input_pos, v_val)
-        return self.k_cache, self.v_cache
+        # input_pos: [S], k_val: [B, H, S, D]; a batch smaller than the cache's uses its first rows
+        k_out, v_out = self.k_cache[: k_val.size(0)], self.v_cache[: k_val.size(0)]
+        k_out.index_copy_(2, input_pos, k_val)
+        v_out.index_copy_(2, input_pos, v_val)
+        return k_out, v_out
 
 
 class RMSNorm(nn.Module):

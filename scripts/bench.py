@@ -1,0 +1,191 @@
+# Decode speed on random weights in real model shapes (decode speed does not depend on the values).
+# Prints tokens/s, steady ms/token, bytes read per token, GB/s and the share of the GPU's copy bandwidth
+# measured in the same run, time to first token and compile times, then a compact table.
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import generate as G  # noqa: E402
+from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
+
+EAGER_DECODE, EAGER_PREFILL = G.decode_one_token, G.prefill
+
+
+def sync(device):
+    G.device_sync(device)
+
+
+def copy_bandwidth(device, nbytes=2 << 30, iters=20) -> float:
+    """Device-to-device copy, bytes read plus bytes written, in GB/s."""
+    if "cuda" not in str(device):
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def random_model(name: str, mode: str, device, dtype, workdir: Path) -> Transformer:
+    """Random weights in the shape of `name`. Quantized modes go through the real files: save the float model,
+    quantize it with quantize.py, load the result with generate.load_model."""
+    args = ModelArgs.from_name(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if mode == "bf16":
+        return model.eval()
+    import quantize
+    kind, _, gs = mode.partition("-g")
+    folder = workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "model.pth").exists():
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, str(folder / "model.pth"))
+        args.save(folder / "model_config.json")
+    del model
+    path = quantize.quantize_checkpoint(folder / "model.pth", kind, int(gs) if gs else None, device=device,
+                                        log=lambda *a: None)
+    return G.load_model(path, device, dtype)
+
+
+def kv_bytes_per_token(model: Transformer, filled: float) -> float:
+    """K and V bytes attention really needs at a mean filled length (not the whole allocated cache)."""
+    a = model.layers[0].attention
+    elt = model.layers[0].attention.kv_cache.k_cache.element_size()
+    return 2 * len(model.layers) * a.n_local_heads * a.head_dim * filled * elt
+
+
+def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, compile, copy_bw, warm_compile=False,
+              profile=False, repeats=3, workdir=Path("/tmp/bench_ckpt")):
+    torch._dynamo.reset()
+    model = random_model(name, mode, device, dtype, workdir)
+    max_seq = prompt_len + new_tokens
+    with torch.device(device):
+        model.setup_caches(batch_size, max_seq)
+    G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True) \
+        if compile else EAGER_DECODE
+    G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True) if compile else EAGER_PREFILL
+    prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
+    kw = dict(temperature=0.8, top_k=200)
+
+    def run(n=new_tokens):
+        sync(device)
+        t0 = time.perf_counter()
+        y, _ = G.generate(model, prompt, n, batch_size=batch_size, **kw)
+        sync(device)
+        return time.perf_counter() - t0, y
+
+    def run_n(n):
+        return run(n)[0]
+
+    print(f"  {name} {mode}: model ready, compiling", flush=True)
+    t_compile, _ = run()  # compiles prefill and decode (cold unless the inductor cache is warm)
+    t_compile2 = None
+    if compile and warm_compile:  # warm: throw away dynamo's state, recompile from inductor's on-disk cache
+        torch._dynamo.reset()
+        G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
+        G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True)
+        t_compile2, _ = run()
+    walls = []
+    for _ in range(repeats):
+        t, y = run()
+        walls.append(t)
+    wall = sorted(walls)[len(walls) // 2]
+    n_new = y.size(1) - prompt_len
+    # time to first token: the same generate with one new token; steady decode from the difference
+    ttft = sorted(run_n(1) for _ in range(repeats))[repeats // 2]
+    ms_tok = (wall - ttft) / (n_new - 1) * 1e3
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_n(20)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    weight_bytes = G.model_size_bytes(model)
+    tok_bytes = weight_bytes + batch_size * kv_bytes_per_token(model, prompt_len + new_tokens / 2)
+    gbs = tok_bytes / (ms_tok / 1e3) / 1e9
+    row = dict(model=name, mode=mode, prompt=prompt_len, new=n_new, batch=batch_size,
+               tok_s=n_new * batch_size / wall, ms_tok=ms_tok, gb_tok=tok_bytes / 1e9, gbs=gbs,
+               pct=100 * gbs / copy_bw, ttft_ms=ttft * 1e3, compile_s=t_compile, compile_warm_s=t_compile2,
+               limit_tok_s=copy_bw * 1e9 / tok_bytes)
+    del model
+    torch.cuda.empty_cache() if "cuda" in str(device) else None
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["llama-2-7b"], choices=list(transformer_configs))
+    p.add_argument("--modes", nargs="+", default=["bf16"], help="bf16, int8, int4-g32, int4-g128")
+    p.add_argument("--prompt_length", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--warm_compile", action="store_true", help="also time a recompile from the warm inductor cache")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 20 decode steps")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="inductor config overrides to compare, e.g. coordinate_descent_tuning=False")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"), help="random checkpoints for quantized modes")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    a = p.parse_args()
+    dtype = torch.bfloat16
+    bw = copy_bandwidth(a.device)
+    dev_name = torch.cuda.get_device_name() if "cuda" in a.device else "cpu"
+    print(f"device {dev_name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s", flush=True)
+    for kv in a.inductor:
+        key, val = kv.split("=", 1)
+        obj = torch._inductor.config
+        *path, last = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, json.loads(val.lower()) if val.lower() in ("true", "false") else json.loads(val))
+        print(f"inductor: {key} = {val}", flush=True)
+    rows = []
+    for name in a.models:
+        for mode in a.modes:
+            try:
+                row = bench_one(name, mode, a.prompt_length, a.max_new_tokens, a.batch_size, a.device, dtype,
+                                not a.no_compile, bw, a.warm_compile, a.profile,
+                                workdir=a.workdir)
+            except Exception as e:  # keep going: one failing configuration must not lose the others
+                print(f"{name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(dict(device=dev_name, torch=torch.__version__, copy_gbs=bw, rows=rows), indent=1))
+    print(f"\n| model | mode | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
+          f"compile s (cold/warm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        warm = f"{r['compile_warm_s']:.0f}" if r["compile_warm_s"] is not None else "-"
+        print(f"| {r['model']} | {r['mode']} | {r['prompt']} | {r['tok_s']:.1f} | {r['ms_tok']:.2f} | "
+              f"{r['gb_tok']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
+              f"{r['compile_s']:.0f}/{warm} |")
+
+
+if __name__ == "__main__":
+    main()

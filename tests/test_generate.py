@@ -1,0 +1,200 @@
+# generate.py: compiled decoding, speculative decoding (exact greedy, exact distribution), chat, the CLI's errors.
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+from conftest import ROOT, build_variant
+from model import ModelArgs, Transformer
+
+
+def run_cli(*args, stdin=None, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return build_variant("qwen2", tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from scripts.offline_models import prepare
+    return prepare("SmolLM2-135M-Instruct")
+
+
+def greedy(model, prompt, n, **kw):
+    model.setup_caches(1, prompt.numel() + n + 16)
+    return G.generate(model, prompt, n, temperature=0, **kw)
+
+
+def test_compiled_decode_matches_eager(qwen2, monkeypatch):
+    _, ckpt = qwen2
+    model = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
+    prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
+    eager, _ = greedy(model, prompt, 16)
+    monkeypatch.setattr(G, "decode_one_token", torch.compile(G.decode_one_token, fullgraph=True))
+    monkeypatch.setattr(G, "prefill", torch.compile(G.prefill, fullgraph=True, dynamic=True))
+    model2 = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
+    compiled, _ = greedy(model2, prompt, 16)
+    assert compiled.tolist() == eager.tolist()
+
+
+def test_speculative_greedy_is_exact(qwen2, tmp_path):
+    _, ckpt = qwen2
+    target = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
+    prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
+    plain, _ = greedy(target, prompt, 30)
+    # a different random model as draft: most proposals are rejected, which exercises the residual path
+    _, other = build_variant("qwen2_tied", tmp_path)
+    for draft_path, k in ((other, 4), (ckpt, 3)):
+        draft = G.load_model(draft_path / "model.pth", "cpu", torch.float32)
+        draft.setup_caches(1, prompt.numel() + 30 + 16)
+        spec, stats = greedy(target, prompt, 30, draft_model=draft, speculate_k=k)
+        assert spec.tolist() == plain.tolist()
+        if draft_path == ckpt:  # drafting for itself: every proposal is accepted
+            assert sum(stats["accept_counts"][:-1]) == 0
+
+
+def tiny_pair(draft_vocab=None):
+    torch.manual_seed(0)
+    args = dict(vocab_size=6, n_layer=1, n_head=2, dim=16, intermediate_size=32, block_size=64)
+    target, draft = Transformer(ModelArgs(**args)), Transformer(ModelArgs(**dict(args, vocab_size=draft_vocab or 6)))
+    for m, scale in ((target, 1.0), (draft, 0.7)):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, scale)
+        m.setup_caches(1, 32)
+    return target.eval(), draft.eval()
+
+
+def exact_pair_distribution(model, prompt):
+    """P(t1, t2 | prompt) of the target, computed exactly."""
+    v = model.config.vocab_size
+    with torch.no_grad():
+        seqs = torch.cat([prompt.repeat(v, 1), torch.arange(v).view(v, 1)], dim=1)
+        model.setup_caches(v, 32)
+        logits = model(seqs, torch.arange(seqs.size(1)))
+    p1 = torch.softmax(logits[0, -2].double(), -1)
+    p2 = torch.softmax(logits[:, -1].double(), -1)
+    model.setup_caches(1, 32)
+    return (p1[:, None] * p2).flatten()
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    keep = expected > 5  # pool rare cells so the chi-square approximation holds
+    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)])
+    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum()
+    df = torch.tensor(float(obs.numel() - 1), dtype=torch.float64)
+    return torch.special.gammaincc(df / 2, stat / 2).item()
+
+
+def speculative_pair_counts(target, draft, prompt, n_samples, k=2):
+    v = target.config.vocab_size
+    counts = torch.zeros(v * v, dtype=torch.float64)
+    torch.manual_seed(123)
+    for _ in range(n_samples):
+        y, _ = G.generate(target, prompt, 3, draft_model=draft, speculate_k=k, temperature=1.0, top_k=None)
+        t1, t2 = y[0, prompt.numel()].item(), y[0, prompt.numel() + 1].item()
+        counts[t1 * v + t2] += 1
+    return counts
+
+
+@pytest.mark.parametrize("draft_vocab", [6, 5])
+def test_speculative_sampling_follows_target_distribution(draft_vocab):
+    target, draft = tiny_pair(draft_vocab)
+    prompt = torch.tensor([1, 4, 2], dtype=torch.int)
+    probs = exact_pair_distribution(target, prompt)
+    counts = speculative_pair_counts(target, draft, prompt, 3000)
+    assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+def test_wrong_acceptance_rule_is_caught(monkeypatch):
+    """The same check must reject speculation that always accepts the draft (uniform draws of 0)."""
+    target, draft = tiny_pair()
+    prompt = torch.tensor([1, 4, 2], dtype=torch.int)
+    probs = exact_pair_distribution(target, prompt)
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros_like(real_rand(*a, **kw)))
+    counts = speculative_pair_counts(target, draft, prompt, 3000)
+    assert chi_square_pvalue(counts, probs) < 1e-6
+
+
+def test_cli_greedy_text_matches_library(smollm):
+    model = G.load_model(smollm / "model.pth", "cpu", torch.float32)
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(smollm)
+    prompt = G.encode_prompt(tok, "The capital of France is", "cpu")
+    y, _ = greedy(model, prompt, 24)
+    new = y[0, prompt.numel():].tolist()
+    stop = [i for i, t in enumerate(new) if t in tok.stop_ids()]
+    expected = tok.decode(new[: stop[0]] if stop else new)
+    out = run_cli("--checkpoint_path", smollm / "model.pth", "--prompt", "The capital of France is",
+                  "--temperature", "0", "--max_new_tokens", "24", "--num_samples", "1")
+    assert out.returncode == 0, out.stderr
+    assert "The capital of France is" + expected in out.stdout
+    assert "tokens/sec" in out.stderr
+
+
+def test_chat_reuses_history_cache_exactly(smollm):
+    """Turn two, prefilled from the cached history, equals generating it from scratch."""
+    turns = ["Name a colour.", "And another one?"]
+    out = run_cli("--checkpoint_path", smollm / "model.pth", "--interactive", "--temperature", "0",
+                  "--max_new_tokens", "40", "--system", "You are terse.", stdin="\n".join(turns) + "\n")
+    assert out.returncode == 0, out.stderr
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(smollm)
+    model = G.load_model(smollm / "model.pth", "cpu", torch.float32)
+    messages = [{"role": "system", "content": "You are terse."}]
+    replies = []
+    for user in turns:
+        messages.append({"role": "user", "content": user})
+        prompt = torch.tensor(tok.encode_chat(messages), dtype=torch.int)
+        streamer = G.Streamer(tok, tok.stop_ids(), echo=False)
+        model.setup_caches(1, 8192)
+        G.generate(model, prompt, 40, temperature=0, on_token=streamer)
+        replies.append(tok.decode(streamer.ids))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert all(r.strip() for r in replies)
+    for r in replies:
+        assert r in out.stdout
+
+
+def bad(out, *words):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), last
+
+
+def test_cli_errors(smollm, tmp_path):
+    bad(run_cli("--checkpoint_path", tmp_path / "nope" / "model.pth"), "not found")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.pth").write_bytes(b"\x00not a checkpoint" * 100)
+    (corrupt / "model_config.json").write_bytes((smollm / "model_config.json").read_bytes())
+    bad(run_cli("--checkpoint_path", corrupt / "model.pth"), "corrupt")
+    no_cfg = tmp_path / "nocfg"
+    no_cfg.mkdir()
+    (no_cfg / "model.pth").symlink_to(smollm / "model.pth")
+    bad(run_cli("--checkpoint_path", no_cfg / "model.pth"), "model_config.json")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "model.pth").symlink_to(smollm / "model.pth")
+    (unknown / "model_config.json").write_text('{"n_layer": 2, "sliding_window": 4096}')
+    bad(run_cli("--checkpoint_path", unknown / "model.pth"), "sliding_window")
+    no_tok = tmp_path / "notok"
+    no_tok.mkdir()
+    (no_tok / "model.pth").symlink_to(smollm / "model.pth")
+    (no_tok / "model_config.json").write_bytes((smollm / "model_config.json").read_bytes())
+    bad(run_cli("--checkpoint_path", no_tok / "model.pth"), "tokenizer")
+    ckpt = smollm / "model.pth"
+    bad(run_cli("--checkpoint_path", ckpt, "--prompt", "hi " * 9000), "context")
+    bad(run_cli("--checkpoint_path", ckpt, "--max_new_tokens", "9000"), "--max_new_tokens")
+    assert run_cli("--checkpoint_path", ckpt, "--temperature", "-1").returncode == 2
