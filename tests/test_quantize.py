@@ -1,0 +1,445 @@
+# quantize.py: round-trip error bounds, the int4 kernels against the dequantize reference, quantized small random
+# models against transformers and against their own dequantized weights, the real models' greedy text, the
+# checkpoint's metadata, and the CLI's answers to bad input.
+import hashlib
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import quantize
+from conftest import ROOT, build_variant
+from model import Transformer
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> (transformers model, folder with model.pth), each variant built once."""
+    root, built = tmp_path_factory.mktemp("qvariants"), {}
+
+    def get(name):
+        if name not in built:
+            built[name] = build_variant(name, root)
+        return built[name]
+    return get
+
+
+def quantized(ckpt_dir, mode, groupsize=None, padding="pad", **kw):
+    out = ckpt_dir / f"model_{mode}_{groupsize}_{padding}.pth"
+    if not out.exists():
+        quantize.quantize_checkpoint(ckpt_dir / "model.pth", mode, groupsize, padding, output_path=out,
+                                     log=lambda *a: None, **kw)
+    return out
+
+
+def logits(model, ids):
+    model.setup_caches(ids.size(0), ids.size(1))
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.size(1)))
+
+
+# ---------------------------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("shape", [(64, 96), (200, 576), (7, 33)])
+def test_int8_round_trip_within_half_a_step(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g) * 0.02
+    w[0, 0] = 0.5  # an outlier widens its row's step, not the others'
+    w[-1] = 0  # an all-zero row stays zero
+    q, scales = quantize.quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (shape[0],)
+    deq = quantize.dequantize_int8(q, scales)
+    # symmetric 8 bits: 127 steps each side of zero, so every weight is within half a step, amax / 254, of its row's
+    bound = w.abs().amax(dim=1, keepdim=True) / 254
+    assert ((w - deq).abs() <= bound * (1 + 1e-6) + 1e-12).all()
+    assert torch.equal(deq[-1], torch.zeros(shape[1]))
+    # on Gaussian rows that makes the relative error ~ (max|w| / 254) / sqrt(3) / std: well below 2 %
+    assert rel_err(deq[1:-1], w[1:-1]) < 0.02
+
+
+@pytest.mark.parametrize("groupsize", quantize.GROUPSIZES)
+def test_int4_round_trip_within_half_a_step(groupsize):
+    g = torch.Generator().manual_seed(groupsize)
+    N, K = 48, 512
+    w = torch.randn(N, K, generator=g) * 0.05 + 0.01
+    w[3, :groupsize] = 0.7  # a constant group is represented exactly (up to bfloat16)
+    packed, sz = quantize.quantize_int4(w, groupsize)
+    assert packed.dtype == torch.uint8 and packed.shape == (N, K // 2)
+    assert sz.dtype == torch.bfloat16 and sz.shape == (K // groupsize, N, 2)
+    deq = quantize.dequantize_int4(packed, sz, groupsize)
+    # 4 bits asymmetric: 15 steps span each group's [min, max], so rounding is off by at most half a step; scale and
+    # zero are stored in bfloat16 (relative precision 2^-8), which can move the grid by 2^-8 (15 * scale + |zero|)
+    scale, zero = sz.float().permute(2, 1, 0)
+    bound = (0.5 * scale + 2 ** -8 * (15 * scale + zero.abs())).repeat_interleave(groupsize, dim=1)
+    assert ((w - deq).abs() <= bound + 1e-7).all()
+    assert (deq[3, :groupsize] - 0.7).abs().max() < 0.7 * 2 ** -7
+    step = (w.view(N, -1, groupsize).amax(-1) - w.view(N, -1, groupsize).amin(-1)) / 15
+    rms_bound = (step.pow(2).mean() / 12).sqrt() * 1.2  # uniform rounding error has variance step^2 / 12
+    assert (w - deq).pow(2).mean().sqrt() < rms_bound
+
+
+def test_int4_padding_keeps_the_real_columns():
+    # the padding columns take whatever code is nearest zero; the layer pads its input with zeros, so they add nothing
+    w = torch.randn(32, 80)
+    packed, sz = quantize.quantize_int4(w, 32, padded_in_features=96)
+    deq = quantize.dequantize_int4(packed, sz, 32)
+    assert deq.shape == (32, 96)
+    scale = sz[-1, :, 0].float()[:, None]
+    assert ((deq[:, 80:]).abs() <= 0.5 * scale + 2 ** -8 * deq[:, 64:].abs().amax(1, keepdim=True) + 1e-6).all()
+    assert rel_err(deq[:, :80], w) < 0.12
+
+
+def test_nibble_order_is_high_nibble_first():
+    q = torch.tensor([[1, 2, 3, 4, 15, 0]])
+    packed = quantize.pack_nibbles(q)
+    assert packed.tolist() == [[0x12, 0x34, 0xF0]]
+    assert torch.equal(quantize.unpack_nibbles(packed), q.int())
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+def int4_pair(n, k, groupsize, bias, padded=None, seed=0):
+    """Two int4 layers holding the same random weight: one to pack for the CPU kernel, one left on the reference."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.1
+    packed, sz = quantize.quantize_int4(w, groupsize, padded)
+    state = {"weight": packed, "scales_and_zeros": sz}
+    if bias:
+        state["bias"] = torch.randn(n, generator=g)
+    layers = []
+    for _ in range(2):
+        m = quantize.WeightOnlyInt4Linear(k, n, bias, groupsize, padded)
+        m.load_state_dict(state)
+        layers.append(m)
+    return w, layers
+
+
+@pytest.mark.parametrize("n,k,groupsize,padded,bias", [(48, 256, 32, None, False), (64, 576, 64, 640, True),
+                                                       (32, 96, 32, None, True), (40, 128, 128, None, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_cpu_kernel_matches_dequantize_reference(n, k, groupsize, padded, bias, dtype):
+    w, (packed, ref) = int4_pair(n, k, groupsize, bias, padded)
+    packed, ref = packed.to(dtype), ref.to(dtype)
+    quantize.pack_for_device(packed)
+    assert packed.kernel == ("cpu" if n % 16 == 0 else "reference")
+    assert ref.kernel == "reference"
+    x = torch.randn(3, 5, k).to(dtype)
+    with torch.no_grad():
+        got, want = packed(x), ref(x)
+    assert got.shape == (3, 5, n) and got.dtype == dtype
+    # the kernels take bfloat16 activations (relative rounding 2^-9); the reference multiplies in x's dtype
+    assert rel_err(got, want) < (2 ** -7 if dtype == torch.float32 else 2e-2)
+    assert rel_err(want, x.float() @ w.T + (ref.bias.float() if bias else 0)) < 0.15  # and it is the weight
+
+
+def test_int4_and_int8_compile_fullgraph():
+    _, (m4, _) = int4_pair(64, 256, 64, True)
+    quantize.pack_for_device(m4.float())  # as load_model does: to the model's dtype, then pack
+    q, s = quantize.quantize_int8(torch.randn(32, 64))
+    m8 = quantize.WeightOnlyInt8Linear(64, 32)
+    m8.load_state_dict({"weight": q, "scales": s})
+    for m, k in ((m4, 256), (m8, 64)):
+        x = torch.randn(2, k)
+        with torch.no_grad():
+            assert rel_err(torch.compile(m, fullgraph=True)(x), m(x)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- small models
+
+def dequantized_model(path, args):
+    """The float model that the quantized checkpoint at path stands for: every layer dequantized."""
+    sd = torch.load(str(path), mmap=True, weights_only=True)
+    meta = sd.pop("quantization")
+    for name, info in meta["layers"].items():
+        if meta["mode"] == "int8":
+            w = quantize.dequantize_int8(sd.pop(f"{name}.weight"), sd.pop(f"{name}.scales"))
+        else:
+            w = quantize.dequantize_int4(sd.pop(f"{name}.weight"), sd.pop(f"{name}.scales_and_zeros"),
+                                         meta["groupsize"])[:, :info["in_features"]]
+        sd[f"{name}.weight"] = w
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+SCHEMES = [("int8", None, 0.1), ("int4", 32, 0.6), ("int4", 64, 0.6), ("int4", 128, 0.6)]
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama_tied", "qwen2", "qwen2_tied", "qwen3"])
+@pytest.mark.parametrize("mode,groupsize,bound", SCHEMES)
+def test_quantized_logits_close_to_float(tiny, name, mode, groupsize, bound):
+    hf, ckpt_dir = tiny(name)
+    path = quantized(ckpt_dir, mode, groupsize)
+    model = generate.load_model(path, "cpu", torch.float32)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    got = logits(model, ids)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    # the float model of the stored (dequantized) weights, up to the int4 kernels' bfloat16 activations: kernels,
+    # padding, biases and loading are right (a wrong nibble or group would be off by ~100 %)
+    assert rel_err(got, logits(dequantized_model(path, model.config), ids)) < (1e-5 if mode == "int8" else 0.03)
+    # and close to the original: per layer the weights move by ~1 % (int8) / ~8 % (int4, half a step of 15 over a
+    # group's range); these tiny random models amplify that a few times over their layers. Garbage gives ~1.4.
+    err = rel_err(got, ref)
+    assert err < bound
+    if mode == "int8":
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear" not in kinds  # every linear layer is quantized, the head too
+    if hf.config.tie_word_embeddings:  # the head is quantized, the embedding it was tied to is untouched
+        assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
+        assert not isinstance(model.output, torch.nn.Linear)
+    if name.startswith("qwen2"):  # biases stay float and exact
+        attn = hf.model.layers[0].self_attn
+        want = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        assert torch.equal(model.layers[0].attention.wqkv.bias, want)
+    if name == "qwen3":
+        assert torch.equal(model.layers[0].attention.q_norm.weight, hf.model.layers[0].self_attn.q_norm.weight)
+
+
+def test_int4_bfloat16_load(tiny):
+    hf, ckpt_dir = tiny("qwen2")
+    path = quantized(ckpt_dir, "int4", 32)
+    ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(2))
+    f32 = logits(generate.load_model(path, "cpu", torch.float32), ids)
+    bf16 = logits(generate.load_model(path, "cpu", torch.bfloat16), ids)
+    assert rel_err(bf16, f32) < 0.05
+
+
+def test_padding_modes(tiny, capsys):
+    hf, ckpt_dir = tiny("llama2")  # input widths 64 and 96: groupsize 64 divides the first only
+    pad = quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int4", 64, "pad", output_path=ckpt_dir / "pad.pth")
+    said = capsys.readouterr().out
+    assert "padded input width (96 -> 128) in 2 layers: layers.*.feed_forward.w2" in said
+    keep = quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int4", 64, "float", output_path=ckpt_dir / "f.pth")
+    said = capsys.readouterr().out
+    assert "left in floating point (2 layers): layers.*.feed_forward.w2" in said
+    meta = torch.load(str(keep), weights_only=True)["quantization"]
+    assert meta["float_layers"] == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
+    model = generate.load_model(keep, "cpu", torch.float32)
+    assert type(model.layers[0].feed_forward.w2) is torch.nn.Linear
+    assert isinstance(model.layers[0].feed_forward.w1, quantize.WeightOnlyInt4Linear)
+    padded = generate.load_model(pad, "cpu", torch.float32).layers[1].feed_forward.w2
+    assert (padded.in_features, padded.padded_in_features) == (96, 128)
+    with pytest.raises(quantize.QuantizeError, match="does not divide the input width 96"):
+        quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int4", 64, "error", output_path=ckpt_dir / "e.pth")
+    assert not (ckpt_dir / "e.pth").exists()
+
+
+def test_tied_float_head_is_retied(tiny):
+    # with the head left in float (padding "float" and a groupsize wider than the model), load_model ties it again
+    hf, ckpt_dir = tiny("llama_tied")
+    path = quantized(ckpt_dir, "int4", 128, "float")
+    model = generate.load_model(path, "cpu", torch.float32)
+    assert type(model.output) is torch.nn.Linear
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+
+def test_renamed_file_loads_the_same(tiny):
+    hf, ckpt_dir = tiny("qwen2_tied")
+    path = quantized(ckpt_dir, "int4", 32)
+    renamed = ckpt_dir / "model_int8.pth"  # a misleading name: the scheme travels inside the file
+    shutil.copy(path, renamed)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(generate.load_model(renamed, "cpu", torch.float32), ids),
+                       logits(generate.load_model(path, "cpu", torch.float32), ids))
+
+
+def tamper(src, dst, edit):
+    sd = torch.load(str(src), weights_only=True)
+    edit(sd)
+    torch.save(sd, str(dst))
+    return dst
+
+
+TAMPERS = {
+    "groupsize": (lambda sd: sd["quantization"].update(groupsize=64), "implies torch.bfloat16"),
+    "mode": (lambda sd: sd["quantization"].update(mode="int8"), "implies torch.int8"),
+    "format": (lambda sd: sd["quantization"].update(format=99), "unknown quantization format 99"),
+    "layer list": (lambda sd: sd["quantization"]["layers"].pop("output"), "does not list the model's layers"),
+    "tensor": (lambda sd: sd.pop("layers.0.attention.wo.scales_and_zeros"), "is missing"),
+}
+
+
+@pytest.mark.parametrize("what", list(TAMPERS))
+def test_tampered_file_is_refused(tiny, what):
+    hf, ckpt_dir = tiny("llama_tied")
+    path = quantized(ckpt_dir, "int4", 32)
+    edit, message = TAMPERS[what]
+    bad = tamper(path, ckpt_dir / f"tampered_{what.replace(' ', '_')}.pth", edit)
+    with pytest.raises(generate.UserError, match=message):
+        generate.load_model(bad, "cpu", torch.float32)
+
+
+def test_tampered_file_cli_one_line(tiny):
+    hf, ckpt_dir = tiny("llama_tied")
+    bad = tamper(quantized(ckpt_dir, "int4", 32), ckpt_dir / "tampered_cli.pth",
+                 lambda sd: sd["quantization"].update(groupsize=128))
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(bad), "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "the file was altered" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "quantize.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_writes_beside_the_input_and_keeps_it(tiny, tmp_path):
+    hf, ckpt_dir = tiny("qwen3")
+    work = tmp_path / "ckpt"
+    work.mkdir()
+    for f in ("model.pth", "model_config.json"):
+        shutil.copy(ckpt_dir / f, work / f)
+    before = sha(work / "model.pth")
+    for args, name in [(("--mode", "int8"), "model_int8.pth"), (("--mode", "int4", "--groupsize", "32"),
+                                                                  "model_int4.g32.pth")]:
+        r = run_cli("--checkpoint_path", work / "model.pth", *args)
+        assert r.returncode == 0, r.stderr
+        assert (work / name).is_file() and f"wrote {work / name}" in r.stdout
+        meta = torch.load(str(work / name), weights_only=True)["quantization"]
+        assert meta["mode"] == args[1] and meta["groupsize"] == (32 if args[1] == "int4" else None)
+    assert sha(work / "model.pth") == before
+    assert not list(work.glob("*.tmp"))
+    # re-quantizing a quantized checkpoint is refused, whatever its name
+    r = run_cli("--checkpoint_path", work / "model_int4.g32.pth", "--mode", "int8")
+    assert r.returncode != 0 and "already quantized (int4 g32)" in r.stderr
+
+
+BAD = [
+    (("--mode", "int3"), "unknown --mode 'int3'"),
+    (("--mode", "int4", "--groupsize", "48"), "--groupsize 48 is not supported"),
+    (("--mode", "int4", "--groupsize", "abc"), "invalid int value: 'abc'"),
+    (("--mode", "int4", "--groupsize", "128", "--padding", "error"), "does not divide the input width 64"),
+    (("--mode", "int4", "--padding", "zeros"), "unknown --padding 'zeros'"),
+    (("--mode", "int8", "--groupsize", "32"), "drop --groupsize"),
+    (("--mode", "int4-gptq", "--calibration_samples", "0"), "--calibration_samples must be >= 1"),
+    (("--mode", "int4-gptq", "--calibration_file", "/nonexistent.txt"),
+     "--calibration_file /nonexistent.txt not found"),
+    (("--mode", "int8", "--device", "cuda"), "no GPU is visible"),
+    (("--mode", "int8", "--bogus"), "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_cli_bad_input_one_line(tiny, args, message):
+    hf, ckpt_dir = tiny("llama_tied")
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    before = set(ckpt_dir.iterdir())
+    r = run_cli("--checkpoint_path", ckpt_dir / "model.pth", *args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert set(ckpt_dir.iterdir()) == before  # failed before any work: nothing written
+
+
+def test_cli_bad_paths(tiny, tmp_path):
+    hf, ckpt_dir = tiny("llama_tied")
+    cases = [(("--checkpoint_path", tmp_path / "none.pth", "--mode", "int8"), "not found"),
+             (("--checkpoint_path", ckpt_dir / "model.pth", "--mode", "int8", "--output_path",
+               ckpt_dir / "model.pth"), "would overwrite the input")]
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(ckpt_dir / "model.pth", lonely / "model.pth")
+    cases.append((("--checkpoint_path", lonely / "model.pth", "--mode", "int8"), "model_config.json not found"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    shutil.copy(ckpt_dir / "model_config.json", tmp_path / "model_config.json")
+    cases.append((("--checkpoint_path", tmp_path / "junk.pth", "--mode", "int8"), "the file is corrupt"))
+    before = sha(ckpt_dir / "model.pth")
+    for args, message in cases:
+        r = run_cli(*args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+    assert sha(ckpt_dir / "model.pth") == before
+
+
+# ---------------------------------------------------------------------------------------------------- real models
+
+def real_model(name):
+    offline = pytest.importorskip("scripts.offline_models")
+    return offline.prepare(name)
+
+
+@pytest.fixture(scope="session")
+def real_quantized(tmp_path_factory):
+    """(float folder, {scheme: quantized model.pth in a folder beside its config and tokenizer}) per real model."""
+    made = {}
+
+    def get(name, schemes):
+        src = real_model(name)
+        out = tmp_path_factory.mktemp(name.split("-")[0])
+        for f in src.iterdir():
+            if f.suffix != ".pth" and f.suffix != ".gguf" and f.is_file():
+                (out / f.name).symlink_to(f)
+        paths = {}
+        for mode, g in schemes:
+            key = (name, mode, g)
+            if key not in made:
+                made[key] = quantize.quantize_checkpoint(src / "model.pth", mode, g, output_path=out /
+                                                         f"{mode}{g or ''}.pth", log=lambda *a: None)
+            paths[(mode, g)] = made[key]
+        return src, paths
+    return get
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+
+
+def greedy(model, tokenizer, prompt, n):
+    ids = generate.encode_prompt(tokenizer, prompt, "cpu")
+    model.setup_caches(1, ids.numel() + n + 8)
+    y, _ = generate.generate(model, ids, n, temperature=0)
+    return y[0, ids.numel():].tolist()
+
+
+def next_token_logits(model, prompt_ids, continuation):
+    """Logits [len(continuation), V] that predict each continuation token, teacher-forced in one pass."""
+    return logits(model, torch.tensor([prompt_ids + continuation]))[0, len(prompt_ids) - 1:-1]
+
+
+@pytest.mark.parametrize("name,int4_groupsize", [("SmolLM2-135M-Instruct", 32), ("Qwen2.5-Coder-0.5B-Instruct", 128)])
+def test_real_model_quantized_text(real_quantized, name, int4_groupsize):
+    from tokenizer import get_tokenizer
+    src, paths = real_quantized(name, [("int8", None), ("int4", int4_groupsize)])
+    tokenizer = get_tokenizer(src)
+    ref = generate.load_model(src / "model.pth", "cpu", torch.float32)
+    int8 = generate.load_model(paths[("int8", None)], "cpu", torch.float32)
+    int4 = generate.load_model(paths[("int4", int4_groupsize)], "cpu", torch.float32)
+    n = 12
+    for prompt in PROMPTS:
+        ids = generate.encode_prompt(tokenizer, prompt, "cpu").tolist()
+        want = greedy(ref, tokenizer, prompt, n)
+        f = next_token_logits(ref, ids, want)
+        # int8 makes the float model's greedy choice at every step (so it generates the same tokens), except where
+        # the float model itself was torn between two tokens; on SmolLM2 the greedy texts are simply equal
+        same = next_token_logits(int8, ids, want).argmax(-1) == f.argmax(-1)
+        top2 = f.topk(2).values
+        assert (same | (top2[:, 0] - top2[:, 1] < 0.5)).all(), (prompt, same)
+        if name.startswith("SmolLM2"):
+            assert same.all(), prompt
+        # int4 may choose other words, but words the float model itself finds likely: random tokens from the
+        # vocabulary would score a perplexity in the thousands, word salad in the hundreds
+        text4 = greedy(int4, tokenizer, prompt, n)
+        nll = torch.nn.functional.cross_entropy(next_token_logits(ref, ids, text4), torch.tensor(text4))
+        own = torch.nn.functional.cross_entropy(f, torch.tensor(want))
+        assert math.exp(nll) < 2 * math.exp(own) + 3, (prompt, tokenizer.decode(text4), math.exp(nll))
