@@ -3,7 +3,6 @@
 # measured in the same run, time to first token and compile times, then a compact table.
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as G  # noqa: E402
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
-EAGER_DECODE, EAGER_PREFILL = G.decode_one_token, G.prefill
+EAGER_DECODE, EAGER_PREFILL, EAGER_FORWARD = G.decode_one_token, G.prefill, G.model_forward
 
 
 def sync(device):
@@ -130,8 +129,46 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
                tok_s=n_new * batch_size / wall, ms_tok=ms_tok, gb_tok=tok_bytes / 1e9, gbs=gbs,
                pct=100 * gbs / copy_bw, ttft_ms=ttft * 1e3, compile_s=t_compile, compile_warm_s=t_compile2,
                limit_tok_s=copy_bw * 1e9 / tok_bytes)
-    del model
-    torch.cuda.empty_cache() if "cuda" in str(device) else None
+    return row
+
+
+def step_ms(model, device, k, n=50):
+    """Steady ms of one compiled decode step and of one (k + 1)-token verify step, at position 16."""
+    decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
+    verify = torch.compile(EAGER_FORWARD, mode="reduce-overhead", fullgraph=True)
+    x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
+    xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
+    out = []
+    for fn, args in ((decode, (model, x1, pos1)), (verify, (model, xk, posk))):
+        for _ in range(3):
+            fn(*args)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn(*args)
+        sync(device)
+        out.append((time.perf_counter() - t0) / n * 1e3)
+    return out
+
+
+def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 0.7, 0.8, 0.9)):
+    """Step times of the target, the draft and the verify; the speedup they predict at a per-token acceptance a:
+    a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps plus one verify."""
+    torch._dynamo.reset()
+    target = random_model(name, "bf16", device, dtype, workdir)
+    target.setup_caches(1, 64)
+    t_plain, t_verify = step_ms(target, device, k)
+    del target
+    torch._dynamo.reset()
+    dmodel = random_model(name, draft, device, dtype, workdir) if draft in ("int8", "int4-g32", "int4-g128") \
+        else random_model(draft, "bf16", device, dtype, workdir)
+    dmodel.setup_caches(1, 64)
+    t_draft, _ = step_ms(dmodel, device, k)
+    row = dict(model=name, draft=draft, k=k, plain_ms=t_plain, draft_ms=t_draft, verify_ms=t_verify,
+               verify_over_plain=t_verify / t_plain)
+    for a in acceptances:
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        row[f"speedup@{a}"] = tokens * t_plain / (k * t_draft + t_verify)
     return row
 
 
@@ -149,6 +186,10 @@ def main():
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inductor config overrides to compare, e.g. coordinate_descent_tuning=False")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"), help="random checkpoints for quantized modes")
+    p.add_argument("--speculate", nargs="*", default=[], metavar="DRAFT",
+                   help="time speculative decoding instead, with these drafts: a model shape or int8 / int4-g32 "
+                        "(the target's own quantized copy)")
+    p.add_argument("--speculate_k", type=int, default=4)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args()
     dtype = torch.bfloat16
@@ -165,7 +206,14 @@ def main():
         print(f"inductor: {key} = {val}", flush=True)
     rows = []
     for name in a.models:
-        for mode in a.modes:
+        for draft in a.speculate:
+            try:
+                row = bench_speculative(name, draft, a.speculate_k, a.device, dtype, a.workdir)
+            except Exception as e:
+                print(f"{name} draft {draft}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            print(json.dumps(row), flush=True)
+        for mode in a.modes if not a.speculate else []:
             try:
                 row = bench_one(name, mode, a.prompt_length, a.max_new_tokens, a.batch_size, a.device, dtype,
                                 not a.no_compile, bw, a.warm_compile, a.profile,
@@ -177,8 +225,8 @@ def main():
             print(json.dumps(row), flush=True)
     if a.json:
         a.json.write_text(json.dumps(dict(device=dev_name, torch=torch.__version__, copy_gbs=bw, rows=rows), indent=1))
-    print(f"\n| model | mode | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
-          f"compile s (cold/warm) |")
+    print("\n| model | mode | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
+          "compile s (cold/warm) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         warm = f"{r['compile_warm_s']:.0f}" if r["compile_warm_s"] is not None else "-"

@@ -1,7 +1,7 @@
 # model.py and the HF converter against transformers, in float32, for every architecture variant.
 import torch
 
-from generate import decode_n_tokens, generate, load_model, prefill
+from generate import generate, load_model
 
 
 def load(ckpt_dir):

