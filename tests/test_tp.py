@@ -43,9 +43,9 @@ def reference(jobs: dict) -> dict:
     return {name: tp_worker.run(**kwargs) for name, kwargs in jobs.items()}
 
 
-def assert_same(got: dict, ref: dict) -> None:
+def assert_same(got: dict, ref: dict, atol: float = 1e-4) -> None:
     assert torch.equal(got["tokens"], ref["tokens"]), f"{got['tokens'].tolist()} != {ref['tokens'].tolist()}"
-    torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["logits"], ref["logits"], atol=atol, rtol=0)
     assert got["accept_counts"] == ref["accept_counts"]
 
 
@@ -132,8 +132,11 @@ def test_compiled_decode_under_tp(two):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_checkpoints_under_tp(two, mode):
     ranks, ref = two
+    # aten's CPU int4 kernel works at about bfloat16 precision (its error against the float32 dequantized product is
+    # that of rounding the input to bfloat16), so splitting K across ranks moves the logits by a few hundredths
+    # (measured up to 0.031); int8 runs in float32 and stays within 1e-4
     for got in ranks:
-        assert_same(got[mode], ref[mode])
+        assert_same(got[mode], ref[mode], atol=1e-4 if mode == "int8" else 0.1)
 
 
 def test_real_qwen_on_two_processes(two, qwen):
