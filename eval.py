@@ -193,6 +193,10 @@ class GPTFastLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
         for start in range(0, len(order), bs):
             batch = order[start:start + bs]
+            longest = max(len(requests[i][2]) for i in batch)
+            if longest > self.max_length:
+                raise UserError(f"a continuation of {longest} tokens does not fit in --max_seq_length "
+                                f"{self.max_length}: raise it")
             # a row is context + continuation without its last token, cut from the left to fit the window
             rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
             width = find_multiple(max(map(len, rows)), 8)  # fewer distinct shapes for the compiler
