@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, build_variant
 
 import eval as ev
 import generate
@@ -113,11 +113,9 @@ def test_loglikelihood_tokens_match_transformers_in_padded_batches(variant):
             assert greedy == ref_greedy
 
 
-def test_compiled_forward_gives_the_same_loglikelihoods(variant, monkeypatch):
+def test_compiled_forward_gives_the_same_loglikelihoods(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    name, hf, ckpt_dir = variant
-    if name != "qwen2":
-        pytest.skip("compiling once is enough")
+    hf, ckpt_dir = build_variant("qwen2", tmp_path)  # compiling one variant is enough
     # GPTFastLM(compile=True) compiles generate's steps in place, as generate.py's CLI does; undo that afterwards
     monkeypatch.setattr(generate, "decode_one_token", generate.decode_one_token)
     monkeypatch.setattr(generate, "prefill", generate.prefill)
