@@ -43,8 +43,9 @@ class QuantizeError(ValueError):
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [N, K] -> (int8 [N, K], float32 scales [N]): symmetric, one scale per output channel."""
     qs, scales = [], []
-    for r in range(0, w.size(0), max(1, CHUNK // w.size(1))):
-        chunk = w[r:r + max(1, CHUNK // w.size(1))].float()
+    step = max(1, CHUNK // w.size(1))
+    for r in range(0, w.size(0), step):
+        chunk = w[r:r + step].float()
         amax = chunk.abs().amax(dim=1)
         s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         qs.append(torch.round(chunk / s[:, None]).clamp(-127, 127).to(torch.int8))
@@ -398,8 +399,11 @@ def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = None, paddi
                                  groupsize=groupsize or None, method="gptq" if mode == "int4-gptq" else "rtn",
                                  layers=layers, float_layers=kept, source=checkpoint_path.name)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, str(tmp))
-    os.replace(tmp, out)
+    try:
+        torch.save(state, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves nothing half-written behind
     log(f"quantized {len(layers)} layers ({mode}{f' g{groupsize}' if groupsize else ''}) in "
         f"{time.perf_counter() - t0:.1f} s")
     return out
