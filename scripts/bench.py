@@ -3,6 +3,7 @@
 # measured in the same run, time to first token and compile times, then a compact table.
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,12 +41,18 @@ def copy_bandwidth(device, nbytes=2 << 30, iters=20) -> float:
     return 2 * nbytes / times[len(times) // 2] / 1e9
 
 
-def random_model(name: str, mode: str, device, dtype, workdir: Path) -> Transformer:
+def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: bool = False) -> Transformer:
     """Random weights in the shape of `name`. Quantized modes go through the real files: save the float model,
-    quantize it with quantize.py, load the result with generate.load_model."""
+    quantize it with quantize.py, load the result with generate.load_model. Under torchrun (use_tp) the model is
+    sharded while it is still on the meta device, so each GPU only ever holds its own shard."""
     args = ModelArgs.from_name(name)
     with torch.device("meta"):
         model = Transformer(args)
+    if use_tp:
+        if mode != "bf16":
+            raise ValueError("under torchrun the benchmark runs bf16 only")
+        import tp
+        tp.apply_tp(model)
     model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -54,7 +61,7 @@ def random_model(name: str, mode: str, device, dtype, workdir: Path) -> Transfor
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=g)
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and not use_tp:  # under TP the head is a vocabulary shard of its own
         model.output.weight = model.tok_embeddings.weight
     if mode == "bf16":
         return model.eval()
@@ -79,9 +86,9 @@ def kv_bytes_per_token(model: Transformer, filled: float) -> float:
 
 
 def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, compile, copy_bw, warm_compile=False,
-              profile=False, repeats=3, workdir=Path("/tmp/bench_ckpt")):
+              profile=False, repeats=3, workdir=Path("/tmp/bench_ckpt"), world_size=1):
     torch._dynamo.reset()
-    model = random_model(name, mode, device, dtype, workdir)
+    model = random_model(name, mode, device, dtype, workdir, use_tp=world_size > 1)
     max_seq = prompt_len + new_tokens
     with torch.device(device):
         model.setup_caches(batch_size, max_seq)
@@ -125,13 +132,35 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
     weight_bytes = G.model_size_bytes(model)
     tok_bytes = weight_bytes + batch_size * kv_bytes_per_token(model, prompt_len + new_tokens / 2)
     gbs = tok_bytes / (ms_tok / 1e3) / 1e9
-    row = dict(model=name, mode=mode, prompt=prompt_len, new=n_new, batch=batch_size,
+    row = dict(model=name, mode=mode, tp=world_size, prompt=prompt_len, new=n_new, batch=batch_size,
                tok_s=n_new * batch_size / wall, ms_tok=ms_tok, gb_tok=tok_bytes / 1e9, gbs=gbs,
                pct=100 * gbs / copy_bw, ttft_ms=ttft * 1e3, compile_s=t_compile, compile_warm_s=t_compile2,
                limit_tok_s=copy_bw * 1e9 / tok_bytes)
     return row
 
 
+def all_reduce_us(device, dim: int, n: int = 200) -> float:
+    """One all-reduce of a token's hidden state (dim bf16 values), as the two per layer under TP, in a CUDA graph."""
+    import torch.distributed as dist
+    x = torch.ones(1, 1, dim, dtype=torch.bfloat16, device=device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dist.all_reduce(x)  # warm up NCCL outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            dist.all_reduce(x)
+    graph.replay()
+    sync(device)
+    t0 = time.perf_counter()
+    graph.replay()
+    sync(device)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+@torch.no_grad()
 def step_ms(model, device, k, n=50):
     """Steady ms of one compiled decode step and of one (k + 1)-token verify step, at position 16."""
     decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
@@ -193,9 +222,22 @@ def main():
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args()
     dtype = torch.bfloat16
+    world_size = 1
+    if "LOCAL_RANK" in os.environ:  # torchrun: tensor parallel, rank 0 prints
+        import tp
+        rank = tp.maybe_init_dist(a.device)
+        if rank is not None:
+            world_size = int(os.environ["WORLD_SIZE"])
+            a.device = f"cuda:{rank}" if "cuda" in a.device else a.device
+            tp.quiet_other_ranks(rank)
     bw = copy_bandwidth(a.device)
     dev_name = torch.cuda.get_device_name() if "cuda" in a.device else "cpu"
     print(f"device {dev_name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s", flush=True)
+    if world_size > 1 and "cuda" in a.device:
+        for name in a.models:
+            us = all_reduce_us(a.device, ModelArgs.from_name(name).dim)
+            print(f"tp {world_size}: all-reduce of one {name} hidden state {us:.1f} us, two per layer: "
+                  f"{2 * ModelArgs.from_name(name).n_layer * us / 1e3:.2f} ms per token", flush=True)
     for kv in a.inductor:
         key, val = kv.split("=", 1)
         obj = torch._inductor.config
@@ -217,7 +259,7 @@ def main():
             try:
                 row = bench_one(name, mode, a.prompt_length, a.max_new_tokens, a.batch_size, a.device, dtype,
                                 not a.no_compile, bw, a.warm_compile, a.profile,
-                                workdir=a.workdir)
+                                workdir=a.workdir, world_size=world_size)
             except Exception as e:  # keep going: one failing configuration must not lose the others
                 print(f"{name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -225,12 +267,12 @@ def main():
             print(json.dumps(row), flush=True)
     if a.json:
         a.json.write_text(json.dumps(dict(device=dev_name, torch=torch.__version__, copy_gbs=bw, rows=rows), indent=1))
-    print("\n| model | mode | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
+    print("\n| model | mode | tp | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
           "compile s (cold/warm) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         warm = f"{r['compile_warm_s']:.0f}" if r["compile_warm_s"] is not None else "-"
-        print(f"| {r['model']} | {r['mode']} | {r['prompt']} | {r['tok_s']:.1f} | {r['ms_tok']:.2f} | "
+        print(f"| {r['model']} | {r['mode']} | {r['tp']} | {r['prompt']} | {r['tok_s']:.1f} | {r['ms_tok']:.2f} | "
               f"{r['gb_tok']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
               f"{r['compile_s']:.0f}/{warm} |")
 
