@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch._inductor.config
 
-from model import CONFIG_NAME, ModelArgs, Transformer
+from model import CONFIG_NAME, CheckpointError, Transformer, open_checkpoint
 
 torch._inductor.config.coordinate_descent_tuning = True
 torch._inductor.config.triton.unique_kernel_names = True
@@ -216,21 +216,10 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, b
 def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = False) -> Transformer:
     """Build on the meta device and map the weights in: no copy until they move to the device."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: prepare one with scripts/prepare.sh (see README)")
-    config_path = path.parent / CONFIG_NAME
-    if not config_path.is_file():
-        raise UserError(f"{config_path} not found: convert the checkpoint with scripts/convert_hf_checkpoint.py "
-                        "or scripts/convert_gguf.py, which write it beside model.pth")
     try:
-        args = ModelArgs.from_file(config_path)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{config_path} is not a valid model config ({e}): convert the checkpoint again")
-    try:
-        checkpoint = torch.load(str(path), mmap=True, weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or incomplete; "
-                        "convert or download it again")
+        args, checkpoint = open_checkpoint(path)
+    except CheckpointError as e:
+        raise UserError(str(e))
     with torch.device("meta"):
         model = Transformer(args)
     quantized = isinstance(checkpoint, dict) and "quantization" in checkpoint
@@ -244,7 +233,7 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
         model.load_state_dict(checkpoint, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"{path} does not match {config_path.name}: {first}")
+        raise UserError(f"{path} does not match {CONFIG_NAME}: {first}")
     if args.tie_word_embeddings and isinstance(model.output, torch.nn.Linear):  # a quantized head has its own weight
         model.output.weight = model.tok_embeddings.weight
     if use_tp:

@@ -68,6 +68,33 @@ class ModelArgs:
 
 CONFIG_NAME = "model_config.json"  # beside model.pth; HF's config.json stays untouched
 
+
+class CheckpointError(ValueError):
+    """A checkpoint or its config is missing or unreadable; the message says what to do."""
+
+
+def open_checkpoint(path) -> tuple[ModelArgs, dict]:
+    """The config beside a checkpoint and its state dict, memory-mapped (nothing is read until used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: prepare one with scripts/prepare.sh (see README)")
+    config_path = path.parent / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} not found: convert the checkpoint with scripts/convert_hf_checkpoint.py "
+                              "or scripts/convert_gguf.py, which write it beside model.pth")
+    try:
+        args = ModelArgs.from_file(config_path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{config_path} is not a valid model config ({e}): convert the checkpoint again")
+    try:
+        checkpoint = torch.load(str(path), mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or incomplete; "
+                              "convert or download it again")
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} does not hold a state dict: convert the checkpoint again")
+    return args, checkpoint
+
 # Real shapes, used by the benchmark with random weights. Checkpoints carry their own config.
 _llama3_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 transformer_configs = {

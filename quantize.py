@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import CONFIG_NAME, ModelArgs, Transformer
+from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, open_checkpoint
 
 FORMAT = 1
 MODES = ("int8", "int4", "int4-gptq")
@@ -301,22 +301,10 @@ def describe_plan(layers: dict, kept: list, mode: str) -> list:
 
 def read_checkpoint(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
     """Open a float checkpoint for quantizing (mmap: nothing is read until used) and check it."""
-    if not checkpoint_path.is_file():
-        raise QuantizeError(f"checkpoint {checkpoint_path} not found: convert one first (see README)")
-    config_path = checkpoint_path.parent / CONFIG_NAME
-    if not config_path.is_file():
-        raise QuantizeError(f"{config_path} not found: convert the checkpoint with one of the scripts/convert_* "
-                            "scripts, which write it beside model.pth")
     try:
-        args = ModelArgs.from_file(config_path)
-    except (ValueError, TypeError) as e:
-        raise QuantizeError(f"{config_path} is not a valid model config ({e}): convert the checkpoint again")
-    try:
-        sd = torch.load(str(checkpoint_path), mmap=True, weights_only=True)
-    except Exception as e:
-        raise QuantizeError(f"cannot read {checkpoint_path} ({type(e).__name__}): the file is corrupt or incomplete")
-    if not isinstance(sd, dict):
-        raise QuantizeError(f"{checkpoint_path} does not hold a state dict: convert the checkpoint again")
+        args, sd = open_checkpoint(checkpoint_path)
+    except CheckpointError as e:
+        raise QuantizeError(str(e))
     if "quantization" in sd:
         q = sd["quantization"]
         what = f"{q.get('mode')} g{q.get('groupsize')}" if isinstance(q, dict) else "quantized"
