@@ -23,6 +23,16 @@ from model import Attention, FeedForward, ModelArgs, Transformer
 TIMEOUT = timedelta(minutes=10)
 
 
+def _shutdown() -> None:
+    if not dist.is_initialized():
+        return
+    # CUDA graphs holding captured NCCL calls can make destroy_process_group hang (pytorch/pytorch#115388):
+    # free torch.compile's graphs first
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+    reset_cudagraph_trees()
+    dist.destroy_process_group()
+
+
 def maybe_init_dist(device: Optional[str] = None) -> Optional[int]:
     """Join the process group when torchrun started more than one process: returns this rank, else None.
     NCCL when the run is on CUDA (device, or CUDA being available when device is None), gloo on CPU."""
@@ -35,7 +45,7 @@ def maybe_init_dist(device: Optional[str] = None) -> Optional[int]:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast is left off on these machines
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     on_cuda = "cuda" in device if device else torch.cuda.is_available()
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    atexit.register(_shutdown)
     if not on_cuda:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
         return rank
