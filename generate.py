@@ -222,7 +222,7 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
         raise UserError(str(e))
     with torch.device("meta"):
         model = Transformer(args)
-    quantized = isinstance(checkpoint, dict) and "quantization" in checkpoint
+    quantized = "quantization" in checkpoint  # open_checkpoint returns a dict
     if quantized:
         import quantize
         try:

@@ -235,9 +235,10 @@ def main():
     print(f"device {dev_name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s", flush=True)
     if world_size > 1 and "cuda" in a.device:
         for name in a.models:
-            us = all_reduce_us(a.device, ModelArgs.from_name(name).dim)
+            cfg = ModelArgs.from_name(name)
+            us = all_reduce_us(a.device, cfg.dim)
             print(f"tp {world_size}: all-reduce of one {name} hidden state {us:.1f} us, two per layer: "
-                  f"{2 * ModelArgs.from_name(name).n_layer * us / 1e3:.2f} ms per token", flush=True)
+                  f"{2 * cfg.n_layer * us / 1e3:.2f} ms per token", flush=True)
     for kv in a.inductor:
         key, val = kv.split("=", 1)
         obj = torch._inductor.config
