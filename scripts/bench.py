@@ -132,6 +132,9 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
     weight_bytes = G.model_size_bytes(model)
     tok_bytes = weight_bytes + batch_size * kv_bytes_per_token(model, prompt_len + new_tokens / 2)
     gbs = tok_bytes / (ms_tok / 1e3) / 1e9
+    if world_size > 1:
+        import tp
+        world_size = f"{world_size} ({'one-shot' if tp.one_shot_in_use() else 'NCCL'})"
     row = dict(model=name, mode=mode, tp=world_size, prompt=prompt_len, new=n_new, batch=batch_size,
                tok_s=n_new * batch_size / wall, ms_tok=ms_tok, gb_tok=tok_bytes / 1e9, gbs=gbs,
                pct=100 * gbs / copy_bw, ttft_ms=ttft * 1e3, compile_s=t_compile, compile_warm_s=t_compile2,
@@ -139,19 +142,28 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
     return row
 
 
-def all_reduce_us(device, dim: int, n: int = 200) -> float:
-    """One all-reduce of a token's hidden state (dim bf16 values), as the two per layer under TP, in a CUDA graph."""
+def all_reduce_us(device, dim: int, one_shot: bool = False, n: int = 200) -> float:
+    """One all-reduce of a token's hidden state (dim bf16 values), as the two per layer under TP, in a CUDA graph:
+    NCCL, or tp.py's one-shot all-reduce over symmetric memory."""
     import torch.distributed as dist
+    import tp
     x = torch.ones(1, 1, dim, dtype=torch.bfloat16, device=device)
+    if one_shot:
+        buf = tp._one_shot_buffer_for(dist.group.WORLD.group_name)
+        if buf is None:
+            return float("nan")
+        reduce = tp._all_reduce_hook(dist.group.WORLD.group_name)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        dist.all_reduce(x)  # warm up NCCL outside the capture
+        y = reduce(None, None, x) if one_shot else dist.all_reduce(x)  # warm up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
+    if one_shot and not torch.equal(y, x * dist.get_world_size()):
+        raise RuntimeError("one-shot all-reduce gave a wrong sum")
     with torch.cuda.graph(graph):
         for _ in range(n):
-            dist.all_reduce(x)
+            reduce(None, None, x) if one_shot else dist.all_reduce(x)
     graph.replay()
     sync(device)
     t0 = time.perf_counter()
@@ -219,12 +231,16 @@ def main():
                    help="time speculative decoding instead, with these drafts: a model shape or int8 / int4-g32 "
                         "(the target's own quantized copy)")
     p.add_argument("--speculate_k", type=int, default=4)
+    p.add_argument("--one_shot_max_bytes", type=int, default=None,
+                   help="under torchrun: largest all-reduce that takes tp.py's one-shot path (0: NCCL only)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args()
     dtype = torch.bfloat16
     world_size = 1
     if "LOCAL_RANK" in os.environ:  # torchrun: tensor parallel, rank 0 prints
         import tp
+        if a.one_shot_max_bytes is not None:
+            tp.ONE_SHOT_MAX_BYTES = a.one_shot_max_bytes
         rank = tp.maybe_init_dist(a.device)
         if rank is not None:
             world_size = int(os.environ["WORLD_SIZE"])
@@ -236,9 +252,11 @@ def main():
     if world_size > 1 and "cuda" in a.device:
         for name in a.models:
             cfg = ModelArgs.from_name(name)
-            us = all_reduce_us(a.device, cfg.dim)
-            print(f"tp {world_size}: all-reduce of one {name} hidden state {us:.1f} us, two per layer: "
-                  f"{2 * cfg.n_layer * us / 1e3:.2f} ms per token", flush=True)
+            for one_shot in (False, True):
+                us = all_reduce_us(a.device, cfg.dim, one_shot)
+                print(f"tp {world_size}: all-reduce of one {name} hidden state by "
+                      f"{'one-shot over symmetric memory' if one_shot else 'NCCL'} {us:.1f} us, two per layer: "
+                      f"{2 * cfg.n_layer * us / 1e3:.2f} ms per token", flush=True)
     for kv in a.inductor:
         key, val = kv.split("=", 1)
         obj = torch._inductor.config
