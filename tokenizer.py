@@ -16,7 +16,6 @@ import jinja2
 import sentencepiece
 import tiktoken
 import tokenizers
-from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -270,6 +269,7 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 def gguf_tokenizer(gguf_path) -> tuple[dict, dict]:
     """(tokenizer.json as a dict, tokenizer config) from a GGUF file's metadata. Accepts an open GGUFReader
     too, since opening a large GGUF takes seconds."""
+    from gguf import GGUFReader  # only GGUF tokenizers need the gguf package
     reader = gguf_path if isinstance(gguf_path, GGUFReader) else GGUFReader(gguf_path)
 
     def get(key, default=None):
@@ -385,7 +385,7 @@ def is_tiktoken_file(path: Path) -> bool:
 def get_tokenizer(path) -> Tokenizer:
     """Tokenizer for a checkpoint directory, or a tokenizer.json / tokenizer.model / *.tiktoken / *.gguf file
     (or an open GGUFReader, so a caller that reads the weights too parses a big GGUF once)."""
-    if isinstance(path, GGUFReader):
+    if type(path).__name__ == "GGUFReader":  # not isinstance: that would import gguf for every tokenizer
         return tokenizer_from_gguf(path)
     path = Path(path)
     if not path.exists():
