@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import Transformer, precompute_rope
-from quantize import CHUNK, dequantize_int4, int4_qparams, int4_round, pack_nibbles, quantize_int4
+from quantize import dequantize_int4, int4_qparams, int4_round, pack_nibbles, quantize_int4
+
+# GPTQ walks the columns one at a time, so its cost is a few small ops per column and per chunk of rows: rows go in
+# chunks this large (a float32 copy of 512 MB, a few working copies of it) so that a 7B's largest matrix is one chunk
+# (the 4M-weight chunks of quantize.py made the column loop run 17 times over a 3584 x 18944 matrix: 55 s on an H100)
+ROWS_CHUNK = 1 << 27
 
 # the sublayers of a block in forward order; the layers of one group read the same input, so share one Hessian
 BLOCK_GROUPS = (("attention.wqkv",), ("attention.wo",), ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
@@ -77,7 +82,7 @@ def gptq_quantize_weight(W: Tensor, H: Tensor, groupsize: int, padded_in_feature
     U = inverse_hessian_factor(H, percdamp, perm)
     blocksize = max(1, blocksize // groupsize) * groupsize
     packed, sz = [], []
-    step = max(1, CHUNK // kp)
+    step = max(1, ROWS_CHUNK // kp)
     for r in range(0, N, step):
         w = F.pad(W[r:r + step].to(H.device, torch.float32), (0, kp - K))
         q, s = gptq_rows(w, U, groupsize, blocksize, perm)
@@ -91,7 +96,7 @@ def output_errors(W: Tensor, packed: Tensor, scales_and_zeros: Tensor, H: Tensor
     given int4 weight and of round-to-nearest, computed over chunks of rows."""
     kp = H.size(0)
     gptq = rtn = den = 0.0
-    step = max(1, CHUNK // kp)
+    step = max(1, ROWS_CHUNK // kp)
     for r in range(0, W.size(0), step):
         w = F.pad(W[r:r + step].to(H.device, torch.float32), (0, kp - W.size(1)))
         wq = dequantize_int4(packed[r:r + step], scales_and_zeros[:, r:r + step], groupsize).to(H.device)
