@@ -13,10 +13,10 @@
 #   NAME.bias stays float. Key "quantization": plain python values, {"format": 2, "mode", "groupsize", "method",
 #   "layers": {NAME: {"mode", "in_features", "out_features", "padded_in_features"}}, "float_layers": [NAME, ...],
 #   "source"}. The top-level mode names the file's scheme: "int8" (every layer int8) or "int4" (from --mode int4 or
-#   int4-gptq); a layer's mode says how that layer is stored. int4 files keep the output head in int8, since its int4
-#   error costs most of int4's perplexity (--head int4 quantizes it like the rest); groupsize (None in int8 files)
-#   applies to the int4 layers; an int8 layer has padded_in_features == in_features; method ("rtn" or "gptq") is how
-#   the int4 layers were rounded, int8 layers are always rounded to nearest.
+#   int4-gptq); a layer's mode ("int8" or "int4") says how that layer is stored. int4 files keep the output head in
+#   int8 (on SmolLM2 an int4 head cost most of int4 g32's perplexity; --head int4 quantizes it like the rest).
+#   groupsize (None in int8 files) applies to the int4 layers; an int8 layer has padded_in_features == in_features;
+#   method ("rtn" or "gptq") is how the int4 layers were rounded, int8 layers are always rounded to nearest.
 # Format 1 files (before per-layer modes) still load: every layer has the file's mode.
 import argparse
 import importlib.util
@@ -522,8 +522,8 @@ def parse_args(argv=None):
                    help="int4 layers whose input width the groupsize does not divide: pad (with zero columns, the "
                         "default), float (leave them unquantized) or error")
     p.add_argument("--head", type=str, default="int8",
-                   help="int4 modes: the output head in int8 (default; int4 there costs most of int4's perplexity) "
-                        "or int4 like the other layers")
+                   help="int4 modes: the output head in int8 (default; on SmolLM2 an int4 head cost most of "
+                        "int4's perplexity) or int4 like the other layers")
     p.add_argument("--output_path", type=Path, default=None, help="where to write (default: beside the input)")
     p.add_argument("--device", type=str, default="cpu", help="cpu or cuda: where the quantization math runs")
     g = p.add_argument_group("GPTQ")
