@@ -3,6 +3,7 @@
 # layer's output on those inputs moves as little as possible. The model goes one TransformerBlock at a time: the
 # block's inputs are captured once, its sublayers are quantized in forward order (each seeing the inputs produced by
 # the already quantized ones), and its outputs become the next block's inputs. The result is quantize.py's int4 format.
+# quantize.py passes only the int4 layers: the output head of int4 files is int8, rounded to nearest there.
 import copy
 import time
 
@@ -150,8 +151,8 @@ def _quantize_and_report(log, name: str, W: Tensor, H: Tensor, groupsize: int, k
 def gptq_quantize_model(model: Transformer, calibration: Tensor, layers: dict, groupsize: int, device="cpu",
                         percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, batch_size: int = 8,
                         log=print) -> dict:
-    """GPTQ of the layers named in `layers` (name -> {"in_features", "padded_in_features", ...}, as planned by
-    quantize.plan_layers) on the calibration token ids [S, L]. The model's weights are only read (they may be a
+    """GPTQ of the layers named in `layers` (name -> {"in_features", "padded_in_features", ...}: the int4 layers planned
+    by quantize.plan_layers) on the calibration token ids [S, L]. The model's weights are only read (they may be a
     memory-mapped checkpoint); one block at a time is copied to `device` in float32.
     Returns {name: (uint8 weight, bfloat16 scales_and_zeros)} in quantize.py's int4 format."""
     cfg = model.config
@@ -178,7 +179,8 @@ def gptq_quantize_model(model: Transformer, calibration: Tensor, layers: dict, g
                 results[f"layers.{i}.{n}"] = (packed, sz)
                 wq = dequantize_int4(packed, sz, groupsize)[:, :linear.in_features]
                 linear.weight = nn.Parameter(wq.to(device), requires_grad=False)  # later sublayers see it quantized
-        xs = [block(x, rope, mask, input_pos) for x in xs]
+        if i + 1 < len(model.layers) or "output" in layers:  # the last outputs only calibrate an int4 head
+            xs = [block(x, rope, mask, input_pos) for x in xs]
         del block
     if "output" in layers:
         norm = copy.deepcopy(model.norm).to(device=device, dtype=torch.float32)

@@ -2,7 +2,7 @@
 # The checkpoint stores int4 in a device-neutral form; load_model swaps the nn.Linear children for the modules below
 # (prepare_for_load) and, once the weights are on their device, packs them for that device's kernel (pack_for_device).
 #
-# Checkpoint format 1 (a dict saved with torch.save):
+# Checkpoint format 2 (a dict saved with torch.save):
 #   every float tensor of the input checkpoint that does not belong to a quantized layer, unchanged;
 #   int8 layer NAME: NAME.weight int8 [N, K], NAME.scales float32 [N]        w = weight * scales[:, None]
 #   int4 layer NAME: NAME.weight uint8 [N, Kp / 2], two 4-bit codes q in 0..15 per byte, the code of column 2i in the
@@ -10,8 +10,14 @@
 #                    NAME.scales_and_zeros bfloat16 [Kp / groupsize, N, 2]   w = (q - 8) * scale + zero per group
 #                    (the convention of aten's int4 kernels). Kp >= K is the input width padded with zero columns to
 #                    a multiple of the groupsize; the module pads its input the same way.
-#   NAME.bias stays float. Key "quantization": plain python values, {"format", "mode", "groupsize", "method",
-#   "layers": {NAME: {"in_features", "out_features", "padded_in_features"}}, "float_layers": [NAME, ...]}.
+#   NAME.bias stays float. Key "quantization": plain python values, {"format": 2, "mode", "groupsize", "method",
+#   "layers": {NAME: {"mode", "in_features", "out_features", "padded_in_features"}}, "float_layers": [NAME, ...],
+#   "source"}. The top-level mode names the file's scheme: "int8" (every layer int8) or "int4" (from --mode int4 or
+#   int4-gptq); a layer's mode ("int8" or "int4") says how that layer is stored. int4 files keep the output head in
+#   int8 (on SmolLM2 an int4 head cost most of int4 g32's perplexity; --head int4 quantizes it like the rest).
+#   groupsize (None in int8 files) applies to the int4 layers; an int8 layer has padded_in_features == in_features;
+#   method ("rtn" or "gptq") is how the int4 layers were rounded, int8 layers are always rounded to nearest.
+# Format 1 files (before per-layer modes) still load: every layer has the file's mode.
 import argparse
 import importlib.util
 import json
@@ -28,8 +34,10 @@ from torch import Tensor
 
 from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, open_checkpoint
 
-FORMAT = 1
+FORMAT = 2
+READ_FORMATS = (1, 2)
 MODES = ("int8", "int4", "int4-gptq")
+HEADS = ("int8", "int4")  # how int4 files store the output head
 GROUPSIZES = (32, 64, 128, 256)  # the group sizes aten's int4 kernels accept
 CHUNK = 1 << 22  # quantize big layers this many weights at a time, to keep host memory flat
 
@@ -206,9 +214,10 @@ def prepare_for_load(model: Transformer, checkpoint: dict) -> dict:
     """Pop checkpoint["quantization"] and swap the model's nn.Linear children (on the meta device) for the quantized
     modules it describes, after checking that the tensors agree with it. Returns the metadata."""
     meta = checkpoint.pop("quantization")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise QuantizeError(f"unknown quantization format {meta.get('format') if isinstance(meta, dict) else meta!r}"
-                            f" (this code reads format {FORMAT}): quantize the float checkpoint again")
+    fmt = meta.get("format") if isinstance(meta, dict) else meta
+    if not isinstance(meta, dict) or fmt not in READ_FORMATS:
+        raise QuantizeError(f"unknown quantization format {fmt!r} (this code reads formats "
+                            f"{', '.join(map(str, READ_FORMATS))}): quantize the float checkpoint again")
     mode, groupsize, layers = meta.get("mode"), meta.get("groupsize"), meta.get("layers")
     if mode not in ("int8", "int4") or not isinstance(layers, dict):
         raise QuantizeError(f"quantization metadata names mode {mode!r}: expected int8 or int4; "
@@ -227,9 +236,13 @@ def prepare_for_load(model: Transformer, checkpoint: dict) -> dict:
         if (n, k) != (lin.out_features, lin.in_features):
             raise QuantizeError(f"{name} is {lin.out_features}x{lin.in_features} in the model but {n}x{k} in the "
                                 "quantization metadata: the checkpoint was made for another model")
-        what = f"{mode} g{groupsize}" if mode == "int4" else mode
+        layer_mode = info.get("mode") if fmt >= 2 else mode  # format 1 stored every layer in the file's mode
+        if layer_mode not in ("int8", mode):
+            raise QuantizeError(f"{name} is {layer_mode!r} in the quantization metadata of an {mode} file: the file "
+                                "was altered; quantize the float checkpoint again")
+        what = f"int4 g{groupsize}" if layer_mode == "int4" else "int8"
         with torch.device("meta"):
-            if mode == "int8":
+            if layer_mode == "int8":
                 _check_tensor(checkpoint, f"{name}.weight", torch.int8, (n, k), what)
                 _check_tensor(checkpoint, f"{name}.scales", torch.float32, (n,), what)
                 new = WeightOnlyInt8Linear(k, n, bias=lin.bias is not None)
@@ -255,21 +268,27 @@ def linear_layers(args: ModelArgs) -> dict:
             for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def plan_layers(args: ModelArgs, mode: str, groupsize: int, padding: str = "pad") -> tuple[dict, list]:
-    """-> ({name: layer metadata} for the layers to quantize, [names left in float]). For int4, a layer whose input
-    width the groupsize does not divide is padded with zero columns, left in float, or refused, as padding says."""
+def plan_layers(args: ModelArgs, mode: str, groupsize: int, padding: str = "pad",
+                head: str = "int8") -> tuple[dict, list]:
+    """-> ({name: layer metadata} for the layers to quantize, [names left in float]). In int4 modes the output head
+    is int8 unless head is "int4". An int4 layer whose input width the groupsize does not divide is padded with zero
+    columns, left in float, or refused, as padding says."""
+    all_layers = linear_layers(args)
+    modes = {name: "int8" if mode == "int8" or (name == "output" and head == "int8") else "int4"
+             for name in all_layers}
     layers, kept = {}, []
-    for name, (n, k, _) in linear_layers(args).items():
-        kp = -(-k // groupsize) * groupsize if mode != "int8" else k
+    for name, (n, k, _) in all_layers.items():
+        kp = -(-k // groupsize) * groupsize if modes[name] == "int4" else k
         if kp != k and padding == "float":
             kept.append(name)
         elif kp != k and padding == "error":
-            divisors = [g for g in GROUPSIZES if all(kk % g == 0 for _, kk, _ in linear_layers(args).values())]
+            divisors = [g for g in GROUPSIZES
+                        if all(kk % g == 0 for nm, (_, kk, _) in all_layers.items() if modes[nm] == "int4")]
             raise QuantizeError(f"--groupsize {groupsize} does not divide the input width {k} of {name}: use "
                                 f"--groupsize {' or '.join(map(str, divisors)) if divisors else '32'}, "
                                 "or --padding pad / float")
         else:
-            layers[name] = dict(in_features=k, out_features=n, padded_in_features=kp)
+            layers[name] = dict(mode=modes[name], in_features=k, out_features=n, padded_in_features=kp)
     return layers, kept
 
 
@@ -292,7 +311,10 @@ def describe_plan(layers: dict, kept: list, mode: str) -> list:
     if kept:
         lines.append(f"left in floating point ({len(kept)} layers): {fold(kept)}")
     if mode != "int8":
-        odd = [nm for nm, i in layers.items() if i["out_features"] % 16]
+        int8 = [nm for nm, i in layers.items() if i["mode"] == "int8"]
+        if int8:
+            lines.append(f"kept in int8, one scale per output channel: {fold(int8)}")
+        odd = [nm for nm, i in layers.items() if i["mode"] == "int4" and i["out_features"] % 16]
         if odd:
             lines.append(f"output width not a multiple of 16, so these use the dequantize fallback instead of the "
                          f"CPU kernel: {fold(odd)}")
@@ -321,20 +343,24 @@ def read_checkpoint(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
     return args, sd
 
 
-def output_path_for(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
-    suffix = "int8" if mode == "int8" else f"{mode}.g{groupsize}"
+def output_path_for(checkpoint_path: Path, mode: str, groupsize: int, head: str = "int8") -> Path:
+    suffix = "int8" if mode == "int8" else f"{mode}.g{groupsize}" + (".head-int4" if head == "int4" else "")
     return checkpoint_path.with_name(f"{checkpoint_path.stem}_{suffix}.pth")
 
 
-def check_options(mode: str, groupsize, padding: str = "pad") -> int:
+def check_options(mode: str, groupsize, padding: str = "pad", head: str = "int8") -> int:
     """Validate the options before any work; returns the groupsize to use."""
     if mode not in MODES:
         raise QuantizeError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
     if padding not in ("pad", "float", "error"):
         raise QuantizeError(f"unknown --padding {padding!r}: use pad, float or error")
+    if head not in HEADS:
+        raise QuantizeError(f"unknown --head {head!r}: use int8 or int4")
     if mode == "int8":
         if groupsize is not None:
             raise QuantizeError("int8 has one scale per output channel and no groups: drop --groupsize")
+        if head != "int8":
+            raise QuantizeError("--mode int8 stores every layer in int8: drop --head int4")
         return 0
     groupsize = 128 if groupsize is None else groupsize
     if groupsize not in GROUPSIZES:
@@ -344,14 +370,15 @@ def check_options(mode: str, groupsize, padding: str = "pad") -> int:
 
 
 def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = None, padding: str = "pad",
-                        output_path=None, calibration=None, device: str = "cpu", log=print, **gptq_kwargs) -> Path:
+                        output_path=None, calibration=None, device: str = "cpu", log=print, head: str = "int8",
+                        **gptq_kwargs) -> Path:
     """Quantize a float checkpoint into a new file (the input is only read). calibration: token ids [S, L] for
-    int4-gptq. Returns the output path."""
+    int4-gptq. head: how int4 modes store the output head (int8 or int4). Returns the output path."""
     checkpoint_path = Path(checkpoint_path)
-    groupsize = check_options(mode, groupsize, padding)
+    groupsize = check_options(mode, groupsize, padding, head)
     args, sd = read_checkpoint(checkpoint_path)
-    layers, kept = plan_layers(args, mode, groupsize, padding)
-    out = Path(output_path) if output_path else output_path_for(checkpoint_path, mode, groupsize)
+    layers, kept = plan_layers(args, mode, groupsize, padding, head)
+    out = Path(output_path) if output_path else output_path_for(checkpoint_path, mode, groupsize, head)
     if out.resolve() == checkpoint_path.resolve():
         raise QuantizeError(f"the output {out} would overwrite the input: choose another --output_path")
     if mode == "int4-gptq" and calibration is None:
@@ -365,12 +392,13 @@ def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = None, paddi
         with torch.device("meta"):
             model = Transformer(args)
         model.load_state_dict(sd, assign=True)
-        results = GPTQ.gptq_quantize_model(model, calibration, layers, groupsize, device=device, log=log,
+        int4 = {name: info for name, info in layers.items() if info["mode"] == "int4"}  # an int8 head is RTN
+        results = GPTQ.gptq_quantize_model(model, calibration, int4, groupsize, device=device, log=log,
                                            **gptq_kwargs)
     new = {}
     for name, info in layers.items():
         w = sd[f"{name}.weight"]
-        if mode == "int8":
+        if info["mode"] == "int8":
             q, scales = quantize_int8(w.to(device))
             new[f"{name}.weight"], new[f"{name}.scales"] = q.cpu(), scales.cpu()
             continue
@@ -458,7 +486,7 @@ def calibration_tokens(tokenizer, texts: list, n_samples: int, seq_length: int) 
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def main(args) -> None:
-    groupsize = check_options(args.mode, args.groupsize, args.padding)  # before any work
+    groupsize = check_options(args.mode, args.groupsize, args.padding, args.head)  # before any work
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantizeError("--device cuda but no GPU is visible: use --device cpu")
     read_checkpoint(args.checkpoint_path)
@@ -476,8 +504,8 @@ def main(args) -> None:
         print(f"calibration: {calibration.size(0)} samples of {calibration.size(1)} tokens from "
               f"{args.calibration_file or 'the Wikipedia summaries (calibration half)'}")
     out = quantize_checkpoint(args.checkpoint_path, args.mode, groupsize or None, args.padding, args.output_path,
-                              calibration, args.device, percdamp=args.percdamp, blocksize=args.blocksize,
-                              act_order=args.act_order)
+                              calibration, args.device, head=args.head, percdamp=args.percdamp,
+                              blocksize=args.blocksize, act_order=args.act_order)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -493,6 +521,9 @@ def parse_args(argv=None):
     p.add_argument("--padding", type=str, default="pad",
                    help="int4 layers whose input width the groupsize does not divide: pad (with zero columns, the "
                         "default), float (leave them unquantized) or error")
+    p.add_argument("--head", type=str, default="int8",
+                   help="int4 modes: the output head in int8 (default; on SmolLM2 an int4 head cost most of "
+                        "int4's perplexity) or int4 like the other layers")
     p.add_argument("--output_path", type=Path, default=None, help="where to write (default: beside the input)")
     p.add_argument("--device", type=str, default="cpu", help="cpu or cuda: where the quantization math runs")
     g = p.add_argument_group("GPTQ")

@@ -23,22 +23,36 @@ SCHEMES = {"float": None, "int8": ("int8", None), "int4-g32": ("int4", 32), "int
            "gptq-g128": ("int4-gptq", 128), "gptq-g32": ("int4-gptq", 32)}
 
 
+def is_current(path: Path, mode: str, groupsize, head: str) -> bool:
+    """Whether a quantized file already there is what quantize.py writes now for these options: a file from before
+    int4 files kept their head in int8 (format 1) must not stand in for one."""
+    meta = torch.load(str(path), mmap=True, weights_only=True).get("quantization")
+    if not isinstance(meta, dict) or meta.get("format") != quantize.FORMAT:
+        return False
+    return (meta.get("groupsize"), meta.get("method"), meta["layers"].get("output", {}).get("mode")) == \
+        (groupsize, "gptq" if mode == "int4-gptq" else "rtn", head)
+
+
 def make_checkpoint(path: Path, scheme: str, args, tokenizer) -> Path:
     """The checkpoint of a scheme, quantized with quantize.py's functions unless it is already there."""
     if SCHEMES[scheme] is None:
         return path
     mode, groupsize = SCHEMES[scheme]
-    out = quantize.output_path_for(path, mode, groupsize)
+    head = "int8" if mode == "int8" else args.head
+    out = quantize.output_path_for(path, mode, groupsize, head)
     if out.is_file() and not args.force:
-        print(f"{scheme}: using the existing {out}", file=sys.stderr)
-        return out
+        if is_current(out, mode, groupsize, head):
+            print(f"{scheme}: using the existing {out}", file=sys.stderr)
+            return out
+        print(f"{scheme}: {out} was written by an older quantize.py or with other options: quantizing again",
+              file=sys.stderr)
     calibration = None
     if mode == "int4-gptq":
         texts = quantize.wiki_texts("calibration")
         calibration = quantize.calibration_tokens(tokenizer, texts, args.calibration_samples,
                                                   args.calibration_seq_length)
     t0 = time.perf_counter()
-    quantize.quantize_checkpoint(path, mode, groupsize, calibration=calibration, percdamp=args.percdamp,
+    quantize.quantize_checkpoint(path, mode, groupsize, calibration=calibration, head=head, percdamp=args.percdamp,
                                  act_order=args.act_order, log=lambda s: print(s, file=sys.stderr))
     print(f"{scheme}: wrote {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
@@ -61,7 +75,8 @@ def main(args) -> None:
     stride = args.stride or args.window
     settings = (f"{name}: {len(docs)} documents of the eval half of the Wikipedia summaries ({tokens.numel()} tokens), "
                 f"windows of {args.window} tokens, stride {stride}; float32 on CPU, int4 "
-                f"{'through the bfloat16 CPU kernel' if args.packed else 'dequantized to float32'}; GPTQ: "
+                f"{'through the bfloat16 CPU kernel' if args.packed else 'dequantized to float32'}, the output head "
+                f"of int4 files in {args.head}; GPTQ: "
                 f"{args.calibration_samples} x {args.calibration_seq_length} tokens of the calibration half, damping "
                 f"{args.percdamp}{', act order' if args.act_order else ''}")
     print(settings, file=sys.stderr)
@@ -97,6 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the window)")
     p.add_argument("--packed", action="store_true", help="run int4 through the CPU kernel, as generate.py does")
+    p.add_argument("--head", choices=quantize.HEADS, default="int8",
+                   help="the output head of int4 files (quantize.py --head); int4 reproduces the files made before")
     p.add_argument("--force", action="store_true", help="quantize again even if the checkpoint exists")
     p.add_argument("--calibration_samples", type=int, default=32)
     p.add_argument("--calibration_seq_length", type=int, default=512)

@@ -132,12 +132,20 @@ def test_gptq_small_models(tmp_path, name):
     rtn = quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int4", 32, output_path=ckpt_dir / "r.pth",
                                        log=lambda *a: None)
     progress = [ln for ln in lines if "output error" in ln]
-    assert len(progress) == 5 * hf.config.num_hidden_layers + 1  # wqkv, wo, w1, w3, w2 per block, and the head
-    meta = torch.load(str(path), weights_only=True)["quantization"]
+    assert len(progress) == 5 * hf.config.num_hidden_layers  # wqkv, wo, w1, w3, w2 per block; the head is int8
+    sd = torch.load(str(path), weights_only=True)
+    meta = sd["quantization"]
     assert (meta["mode"], meta["groupsize"], meta["method"]) == ("int4", 32, "gptq")
+    assert {n: i["mode"] for n, i in meta["layers"].items()} == {n: "int8" if n == "output" else "int4"
+                                                                 for n in meta["layers"]}
+    # the int8 head is rounded to nearest, as in the RTN file
+    rtn_sd = torch.load(str(rtn), weights_only=True)
+    assert torch.equal(sd["output.weight"], rtn_sd["output.weight"])
+    assert not torch.equal(sd["layers.0.attention.wqkv.weight"], rtn_sd["layers.0.attention.wqkv.weight"])
     model = generate.load_model(path, "cpu", torch.float32)
-    assert all(not isinstance(m, torch.nn.Linear) or isinstance(m, quantize.WeightOnlyInt4Linear)
-               for m in model.modules())
+    assert isinstance(model.output, quantize.WeightOnlyInt8Linear)
+    assert all(isinstance(m, quantize.WeightOnlyInt4Linear) for n, m in model.named_modules()
+               if n != "output" and "Linear" in type(m).__name__)
     ids = calibration[:2]
     model.setup_caches(2, 32)
     with torch.no_grad():
@@ -204,11 +212,11 @@ def smol_two_layers(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("source", ["jsonl", "wikipedia"])  # plain text files: test_read_texts
-def test_gptq_cli(smol_two_layers, tmp_path, source):
+@pytest.mark.parametrize("source,head", [("jsonl", "int8"), ("wikipedia", "int8"), ("jsonl", "int4")])
+def test_gptq_cli(smol_two_layers, tmp_path, source, head):  # plain text files: test_read_texts
     from tokenizer import get_tokenizer
     args = ["--mode", "int4-gptq", "--groupsize", "64", "--calibration_samples", "4",
-            "--calibration_seq_length", "64", "--output_path", tmp_path / "q.pth"]
+            "--calibration_seq_length", "64", "--head", head, "--output_path", tmp_path / "q.pth"]
     texts = quantize.wiki_texts("calibration")[:40]
     if source == "jsonl":
         (tmp_path / "cal.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -218,10 +226,12 @@ def test_gptq_cli(smol_two_layers, tmp_path, source):
                         *map(str, args)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "calibration: 4 samples of 64 tokens" in r.stdout
-    for layer in ("layers.0.attention.wqkv", "layers.1.feed_forward.w2", "output"):
+    for layer in ("layers.0.attention.wqkv", "layers.1.feed_forward.w2"):
         assert f"\n{layer}: " in r.stdout  # progress, layer by layer
+    assert ("\noutput: " in r.stdout) == (head == "int4")  # GPTQ only for an int4 head
     model = generate.load_model(tmp_path / "q.pth", "cpu", torch.float32)
-    assert isinstance(model.output, quantize.WeightOnlyInt4Linear)
+    kind = quantize.WeightOnlyInt8Linear if head == "int8" else quantize.WeightOnlyInt4Linear
+    assert type(model.output) is kind
     ref = generate.load_model(smol_two_layers / "model.pth", "cpu", torch.float32)
     ids = torch.tensor([quantize.calibration_tokens(get_tokenizer(smol_two_layers), quantize.wiki_texts("eval"), 1, 32)[0].tolist()])
     for m in (model, ref):

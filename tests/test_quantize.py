@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def quantized(ckpt_dir, mode, groupsize=None, padding="pad", **kw):
-    out = ckpt_dir / f"model_{mode}_{groupsize}_{padding}.pth"
+    out = ckpt_dir / f"model_{mode}_{groupsize}_{padding}_{kw.get('head', 'int8')}.pth"
     if not out.exists():
         quantize.quantize_checkpoint(ckpt_dir / "model.pth", mode, groupsize, padding, output_path=out,
                                      log=lambda *a: None, **kw)
@@ -164,7 +164,7 @@ def dequantized_model(path, args):
     sd = torch.load(str(path), mmap=True, weights_only=True)
     meta = sd.pop("quantization")
     for name, info in meta["layers"].items():
-        if meta["mode"] == "int8":
+        if info["mode"] == "int8":
             w = quantize.dequantize_int8(sd.pop(f"{name}.weight"), sd.pop(f"{name}.scales"))
         else:
             w = quantize.dequantize_int4(sd.pop(f"{name}.weight"), sd.pop(f"{name}.scales_and_zeros"),
@@ -198,11 +198,14 @@ def test_quantized_logits_close_to_float(tiny, name, mode, groupsize, bound):
     assert err < bound
     if mode == "int8":
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
-    kinds = {type(m).__name__ for m in model.modules()}
-    assert "Linear" not in kinds  # every linear layer is quantized, the head too
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
+    # every linear layer is quantized: the head in int8 in int4 files too, the others in the file's mode
+    assert kinds.pop("output") == "WeightOnlyInt8Linear"
+    assert set(kinds.values()) == {"WeightOnlyInt8Linear" if mode == "int8" else "WeightOnlyInt4Linear"}
+    layers = torch.load(str(path), mmap=True, weights_only=True)["quantization"]["layers"]
+    assert {n: i["mode"] for n, i in layers.items()} == {n: "int8" if n == "output" else mode for n in layers}
     if hf.config.tie_word_embeddings:  # the head is quantized, the embedding it was tied to is untouched
         assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
-        assert not isinstance(model.output, torch.nn.Linear)
     if name.startswith("qwen2"):  # biases stay float and exact
         attn = hf.model.layers[0].self_attn
         want = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
@@ -241,12 +244,38 @@ def test_padding_modes(tiny, capsys):
 
 
 def test_tied_float_head_is_retied(tiny):
-    # with the head left in float (padding "float" and a groupsize wider than the model), load_model ties it again
+    # with an int4 head left in float (padding "float" and a groupsize wider than the model), load_model ties it again
     hf, ckpt_dir = tiny("llama_tied")
-    path = quantized(ckpt_dir, "int4", 128, "float")
+    path = quantized(ckpt_dir, "int4", 128, "float", head="int4")
     model = generate.load_model(path, "cpu", torch.float32)
     assert type(model.output) is torch.nn.Linear
     assert model.output.weight is model.tok_embeddings.weight
+    # an int8 head needs no groups, so the same options quantize it, and the embedding stays float and whole
+    model = generate.load_model(quantized(ckpt_dir, "int4", 128, "float"), "cpu", torch.float32)
+    assert isinstance(model.output, quantize.WeightOnlyInt8Linear)
+    assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "qwen2"])
+def test_int4_files_keep_the_head_in_int8(tiny, name):
+    hf, ckpt_dir = tiny(name)
+    heads = {h: torch.load(str(quantized(ckpt_dir, "int4", 32, head=h)), weights_only=True) for h in ("int8", "int4")}
+    meta8, meta4 = heads["int8"]["quantization"], heads["int4"]["quantization"]
+    assert meta8["mode"] == meta4["mode"] == "int4" and meta8["format"] == quantize.FORMAT
+    assert meta8["layers"]["output"] == dict(mode="int8", in_features=64, out_features=320, padded_in_features=64)
+    assert meta4["layers"]["output"]["mode"] == "int4"
+    assert {i["mode"] for n, i in meta8["layers"].items() if n != "output"} == {"int4"}
+    # the head is the existing int8 format, rounded to nearest; the blocks are the same int4 either way
+    w = hf.lm_head.weight.detach()
+    q, scales = quantize.quantize_int8(w)
+    assert torch.equal(heads["int8"]["output.weight"], q) and torch.equal(heads["int8"]["output.scales"], scales)
+    for key in ("layers.1.feed_forward.w2.weight", "layers.0.attention.wqkv.scales_and_zeros"):
+        assert torch.equal(heads["int8"][key], heads["int4"][key])
+    # and it is what the head costs: int8 moves the head's weights several times less than int4 g32
+    err8 = rel_err(quantize.dequantize_int8(q, scales), w)
+    err4 = rel_err(quantize.dequantize_int4(heads["int4"]["output.weight"], heads["int4"]["output.scales_and_zeros"],
+                                            32), w)
+    assert err8 < err4 / 4, (err8, err4)
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
@@ -257,8 +286,17 @@ def test_renamed_file_loads_the_same(tiny):
     renamed = ckpt_dir / "model_int8.pth"  # a misleading name: the scheme travels inside the file
     shutil.copy(path, renamed)
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(logits(generate.load_model(renamed, "cpu", torch.float32), ids),
-                       logits(generate.load_model(path, "cpu", torch.float32), ids))
+    model = generate.load_model(renamed, "cpu", torch.float32)
+    assert isinstance(model.output, quantize.WeightOnlyInt8Linear)
+    assert isinstance(model.layers[0].attention.wqkv, quantize.WeightOnlyInt4Linear)
+    assert torch.equal(logits(model, ids), logits(generate.load_model(path, "cpu", torch.float32), ids))
+
+
+def as_format_1(sd):
+    """The metadata as the first quantize.py wrote it: no per-layer modes, every layer in the file's mode."""
+    sd["quantization"]["format"] = 1
+    for info in sd["quantization"]["layers"].values():
+        del info["mode"]
 
 
 def tamper(src, dst, edit):
@@ -270,7 +308,13 @@ def tamper(src, dst, edit):
 
 TAMPERS = {
     "groupsize": (lambda sd: sd["quantization"].update(groupsize=64), "implies torch.bfloat16"),
-    "mode": (lambda sd: sd["quantization"].update(mode="int8"), "implies torch.int8"),
+    "mode": (lambda sd: sd["quantization"].update(mode="int8"), "'int4' in the quantization metadata of an int8 file"),
+    "head mode": (lambda sd: sd["quantization"]["layers"]["output"].update(mode="int4"), "implies torch.uint8"),
+    "layer mode": (lambda sd: sd["quantization"]["layers"]["layers.1.attention.wo"].update(mode="int8"),
+                   "layers.1.attention.wo.weight is torch.uint8 .* implies torch.int8"),
+    "no layer mode": (lambda sd: sd["quantization"]["layers"]["output"].pop("mode"),
+                      "output is None in the quantization metadata"),
+    "format 1 with an int8 head": (as_format_1, "output.weight is torch.int8 .* implies torch.uint8"),
     "format": (lambda sd: sd["quantization"].update(format=99), "unknown quantization format 99"),
     "layer list": (lambda sd: sd["quantization"]["layers"].pop("output"), "does not list the model's layers"),
     "tensor": (lambda sd: sd.pop("layers.0.attention.wo.scales_and_zeros"), "is missing"),
@@ -285,6 +329,17 @@ def test_tampered_file_is_refused(tiny, what):
     bad = tamper(path, ckpt_dir / f"tampered_{what.replace(' ', '_')}.pth", edit)
     with pytest.raises(generate.UserError, match=message):
         generate.load_model(bad, "cpu", torch.float32)
+
+
+def test_format_1_still_loads(tiny):
+    # a file written before per-layer modes (int4 head, format 1) loads as it did: every layer in the file's mode
+    hf, ckpt_dir = tiny("qwen2_tied")
+    path = quantized(ckpt_dir, "int4", 32, head="int4")
+    old = tamper(path, ckpt_dir / "format1.pth", as_format_1)
+    model = generate.load_model(old, "cpu", torch.float32)
+    assert isinstance(model.output, quantize.WeightOnlyInt4Linear)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(logits(model, ids), logits(generate.load_model(path, "cpu", torch.float32), ids))
 
 
 def test_tampered_file_cli_one_line(tiny):
@@ -311,13 +366,18 @@ def test_cli_writes_beside_the_input_and_keeps_it(tiny, tmp_path):
     for f in ("model.pth", "model_config.json"):
         shutil.copy(ckpt_dir / f, work / f)
     before = sha(work / "model.pth")
-    for args, name in [(("--mode", "int8"), "model_int8.pth"), (("--mode", "int4", "--groupsize", "32"),
-                                                                  "model_int4.g32.pth")]:
+    runs = [(("--mode", "int8"), "model_int8.pth", "int8"),
+            (("--mode", "int4", "--groupsize", "32"), "model_int4.g32.pth", "int8"),
+            (("--mode", "int4", "--groupsize", "32", "--head", "int4"), "model_int4.g32.head-int4.pth", "int4")]
+    for args, name, head in runs:
         r = run_cli("--checkpoint_path", work / "model.pth", *args)
         assert r.returncode == 0, r.stderr
         assert (work / name).is_file() and f"wrote {work / name}" in r.stdout
+        int8_head_said = "kept in int8, one scale per output channel: output" in r.stdout
+        assert int8_head_said == (args[1] == "int4" and head == "int8")
         meta = torch.load(str(work / name), weights_only=True)["quantization"]
         assert meta["mode"] == args[1] and meta["groupsize"] == (32 if args[1] == "int4" else None)
+        assert meta["layers"]["output"]["mode"] == head
     assert sha(work / "model.pth") == before
     assert not list(work.glob("*.tmp"))
     # re-quantizing a quantized checkpoint is refused, whatever its name
@@ -332,6 +392,8 @@ BAD = [
     (("--mode", "int4", "--groupsize", "128", "--padding", "error"), "does not divide the input width 64"),
     (("--mode", "int4", "--padding", "zeros"), "unknown --padding 'zeros'"),
     (("--mode", "int8", "--groupsize", "32"), "drop --groupsize"),
+    (("--mode", "int8", "--head", "int4"), "drop --head int4"),
+    (("--mode", "int4", "--head", "fp16"), "unknown --head 'fp16'"),
     (("--mode", "int4-gptq", "--calibration_samples", "0"), "--calibration_samples must be >= 1"),
     (("--mode", "int4-gptq", "--calibration_file", "/nonexistent.txt"),
      "--calibration_file /nonexistent.txt not found"),
@@ -392,12 +454,13 @@ def real_quantized(tmp_path_factory):
             if f.suffix != ".pth" and f.suffix != ".gguf" and f.is_file():
                 (out / f.name).symlink_to(f)
         paths = {}
-        for mode, g in schemes:
-            key = (name, mode, g)
+        for scheme in schemes:  # (mode, groupsize) or (mode, groupsize, head)
+            key = (name, *scheme)
             if key not in made:
-                made[key] = quantize.quantize_checkpoint(src / "model.pth", mode, g, output_path=out /
-                                                         f"{mode}{g or ''}.pth", log=lambda *a: None)
-            paths[(mode, g)] = made[key]
+                made[key] = quantize.quantize_checkpoint(src / "model.pth", *scheme[:2], output_path=out /
+                                                         f"{'_'.join(map(str, scheme))}.pth", log=lambda *a: None,
+                                                         head=scheme[2] if len(scheme) > 2 else "int8")
+            paths[scheme] = made[key]
         return src, paths
     return get
 
@@ -443,3 +506,17 @@ def test_real_model_quantized_text(real_quantized, name, int4_groupsize):
         nll = torch.nn.functional.cross_entropy(next_token_logits(ref, ids, text4), torch.tensor(text4))
         own = torch.nn.functional.cross_entropy(f, torch.tensor(want))
         assert math.exp(nll) < 2 * math.exp(own) + 3, (prompt, tokenizer.decode(text4), math.exp(nll))
+
+
+def test_real_int8_head_keeps_most_of_int4_quality(real_quantized):
+    # SmolLM2's head is its tied embedding: in int4 it costs most of int4 g32's loss, in int8 almost nothing
+    from tokenizer import get_tokenizer
+    src, paths = real_quantized("SmolLM2-135M-Instruct", [("int4", 32), ("int4", 32, "int4")])
+    ids = quantize.calibration_tokens(get_tokenizer(src), quantize.wiki_texts("eval"), 2, 256)
+    nll = {}
+    for key, path in (("float", src / "model.pth"), ("int8 head", paths[("int4", 32)]),
+                      ("int4 head", paths[("int4", 32, "int4")])):
+        out = logits(generate.load_model(path, "cpu", torch.float32), ids)[:, :-1]
+        nll[key] = torch.nn.functional.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1)).item()
+    loss8, loss4 = nll["int8 head"] - nll["float"], nll["int4 head"] - nll["float"]
+    assert loss4 > 0.02 and loss8 < loss4 / 3, nll
