@@ -37,7 +37,7 @@ def test_compiled_decode_matches_eager(qwen2, monkeypatch):
     prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
     eager, _ = greedy(model, prompt, 16)
     monkeypatch.setattr(G, "decode_one_token", torch.compile(G.decode_one_token, fullgraph=True))
-    monkeypatch.setattr(G, "prefill", torch.compile(G.prefill, fullgraph=True, dynamic=True))
+    monkeypatch.setattr(G, "prefill", torch.compile(G.prefill, fullgraph=True))
     model2 = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
     compiled, _ = greedy(model2, prompt, 16)
     assert compiled.tolist() == eager.tolist()
