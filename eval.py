@@ -154,10 +154,10 @@ class GPTFastLM(TemplateLM):
         self.max_gen_toks = max_gen_toks
         self.forward = generate.model_forward
         if compile:
-            self.forward = torch.compile(generate.model_forward, fullgraph=True)
+            self.forward = torch.compile(generate.model_forward, fullgraph=True, dynamic=True)
             generate.decode_one_token = torch.compile(generate.decode_one_token, mode="reduce-overhead",
                                                       fullgraph=True)
-            generate.prefill = torch.compile(generate.prefill, fullgraph=True)
+            generate.prefill = torch.compile(generate.prefill, fullgraph=True, dynamic=True)
 
     @property
     def eot_token_id(self) -> int:
@@ -371,7 +371,7 @@ def main(args) -> None:
         stride = args.stride or max_seq_length // 2
         forward = generate.model_forward
         if args.compile:
-            forward = torch.compile(generate.model_forward, fullgraph=True)
+            forward = torch.compile(generate.model_forward, fullgraph=True, dynamic=True)
         t0 = time.perf_counter()
         r = evaluate_perplexity(model, tokenizer, docs, max_seq_length, stride, forward)
         source = args.ppl_file or "the held-out Wikipedia summaries (quantize.wiki_texts, eval half)"

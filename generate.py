@@ -353,10 +353,7 @@ def main(args) -> None:
             model_forward = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
         if args.compile_prefill:
-            # no dynamic=True: the first prompt length compiles static and a second one recompiles with only the
-            # length dynamic; dynamic=True would make every cache size symbolic, which model.py's layer reuse
-            # (nested_compile_region) cannot handle
-            prefill = torch.compile(prefill, fullgraph=True)
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k)
     gen_kwargs = dict(batch_size=args.batch_size, draft_model=draft_model, speculate_k=args.speculate_k, **sampling)

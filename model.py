@@ -231,9 +231,6 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    # torch.compile traces and compiles one layer and reuses the code for the others (no-op in eager; torch < 2.8
-    # lacks it and compiles every layer)
-    @getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -94,7 +94,7 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
         model.setup_caches(batch_size, max_seq)
     G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True) \
         if compile else EAGER_DECODE
-    G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True) if compile else EAGER_PREFILL
+    G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True) if compile else EAGER_PREFILL
     prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
     kw = dict(temperature=0.8, top_k=200)
 
@@ -114,7 +114,7 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
     if compile and warm_compile:  # warm: throw away dynamo's state, recompile from inductor's on-disk cache
         torch._dynamo.reset()
         G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
-        G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True)
+        G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True)
         t_compile2, _ = run()
     walls = []
     for _ in range(repeats):

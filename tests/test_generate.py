@@ -37,10 +37,24 @@ def test_compiled_decode_matches_eager(qwen2, monkeypatch):
     prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
     eager, _ = greedy(model, prompt, 16)
     monkeypatch.setattr(G, "decode_one_token", torch.compile(G.decode_one_token, fullgraph=True))
-    monkeypatch.setattr(G, "prefill", torch.compile(G.prefill, fullgraph=True))
+    monkeypatch.setattr(G, "prefill", torch.compile(G.prefill, fullgraph=True, dynamic=True))
     model2 = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
     compiled, _ = greedy(model2, prompt, 16)
     assert compiled.tolist() == eager.tolist()
+
+
+def test_compiled_decode_follows_a_change_of_batch_size(qwen2, monkeypatch):
+    # One compiled decode, batch 1 then 2 in the same process: dynamo recompiles with the batch dimension dynamic.
+    # (torch.compiler.nested_compile_region on the layers failed exactly here on torch 2.11-2.13.)
+    _, ckpt = qwen2
+    model = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
+    prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
+    eager, _ = greedy(model, prompt, 8)
+    model.setup_caches(2, prompt.numel() + 24)
+    monkeypatch.setattr(G, "decode_one_token", torch.compile(G.decode_one_token, fullgraph=True))
+    for batch_size in (1, 2):
+        y, _ = G.generate(model, prompt, 8, batch_size=batch_size, temperature=0)
+        assert y.tolist() == eager.tolist() * batch_size
 
 
 def test_speculative_greedy_is_exact(qwen2, tmp_path):
