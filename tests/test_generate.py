@@ -45,7 +45,7 @@ def test_compiled_decode_matches_eager(qwen2, monkeypatch):
 
 def test_compiled_decode_follows_a_change_of_batch_size(qwen2, monkeypatch):
     # One compiled decode, batch 1 then 2 in the same process: dynamo recompiles with the batch dimension dynamic.
-    # (torch.compiler.nested_compile_region on the layers failed exactly here on torch 2.11-2.13.)
+    # (torch.compiler.nested_compile_region on the layers failed exactly here on torch 2.13.)
     _, ckpt = qwen2
     model = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
     prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
