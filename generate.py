@@ -245,7 +245,19 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
     model = model.to(device=device, dtype=precision)
     if quantized:
         quantize.pack_for_device(model)  # int4 weights take their device kernel's layout
+    if torch.device(device).type == "cpu":
+        lay_out_for_cpu(model)
     return model.eval()
+
+
+def lay_out_for_cpu(model: Transformer) -> None:
+    """A CPU matrix-vector product streams faster through the weight stored input-major ([in, out] in memory) when a
+    layer has at least as many outputs as inputs: 1.2-1.7x for SmolLM2's q/k/v, up-projections and head on a 2-core
+    machine, slower for the down-projections. The weight keeps its [out, in] shape as a transposed view, so nothing
+    else sees a difference; a tied head and embedding stay one tensor."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m.out_features >= m.in_features:
+            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 def model_size_bytes(model: Transformer) -> int:
