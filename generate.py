@@ -270,7 +270,7 @@ class SplitLinear(torch.nn.Linear):
     which MKL runs in parallel and inductor leaves to MKL, where it would turn a bmm of one row into a slow loop of
     its own) it uses two: the outputs split in halves for a weight stored [out, in], the inputs split and the two
     partial sums added for one stored [in, out], both views of the same memory. SmolLM2 on 2 cores, compiled:
-    about 1.3x the decode speed of F.linear (scripts/bench_notes.md)."""
+    1.1-1.35x the decode speed of F.linear, depending on the cache length (scripts/bench_notes.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
