@@ -244,7 +244,7 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
             raise UserError(str(e))
     model = model.to(device=device, dtype=precision)
     if quantized:
-        quantize.pack_for_device(model)  # int4 weights take their device kernel's layout
+        quantize.pack_for_device(model)  # int4 weights take their kernel's layout; int8 on CPU become float16
     if torch.device(device).type == "cpu":
         lay_out_for_cpu(model)
     return model.eval()

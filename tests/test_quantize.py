@@ -151,10 +151,16 @@ def test_int4_and_int8_compile_fullgraph():
     q, s = quantize.quantize_int8(torch.randn(32, 64))
     m8 = quantize.WeightOnlyInt8Linear(64, 32)
     m8.load_state_dict({"weight": q, "scales": s})
+    quantize.pack_for_device(m8)  # on CPU: the int8 values held as float16, exactly
+    assert m8.weight.dtype == torch.float16 and torch.equal(m8.weight.float(), q.float())
     for m, k in ((m4, 256), (m8, 64)):
-        x = torch.randn(2, k)
-        with torch.no_grad():
-            assert rel_err(torch.compile(m, fullgraph=True)(x), m(x)) < 1e-5
+        for rows in (1, 2):  # one row takes the int8 layer's fused reduction on CPU
+            x = torch.randn(rows, k)
+            with torch.no_grad():
+                assert rel_err(torch.compile(m, fullgraph=True)(x), m(x)) < 1e-5
+    with torch.no_grad():
+        x = torch.randn(1, 64)
+        assert rel_err(torch.compile(m8, fullgraph=True)(x), x @ quantize.dequantize_int8(q, s).T) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------- small models
