@@ -75,7 +75,7 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def pack(self) -> None:
         # On CPU the int8 values are held as float16, which stores -127..127 exactly: inductor's CPU code converts
-        # int8 to float at about 1 GB/s, float16 at about 9 (SmolLM2 int8 --compile: 2.5 -> 25 tok/s; bench_notes).
+        # int8 to float at about 1 GB/s, float16 at about 9 (SmolLM2 int8 --compile: 2.5 -> 27-30 tok/s; bench_notes).
         # Twice int8's memory, half of float32's; the products are the same numbers.
         if self.weight.device.type == "cpu" and self.weight.dtype == torch.int8:
             self.weight = self.weight.to(torch.float16)
