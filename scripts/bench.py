@@ -73,8 +73,10 @@ def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: boo
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, str(folder / "model.pth"))
         args.save(folder / "model_config.json")
     del model
-    path = quantize.quantize_checkpoint(folder / "model.pth", kind, int(gs) if gs else None, device=device,
-                                        log=lambda *a: None)
+    path = quantize.output_path_for(folder / "model.pth", kind, int(gs) if gs else None, "int8")
+    if not path.exists():  # the weights are seeded, so a file made by an earlier run holds the same ones
+        path = quantize.quantize_checkpoint(folder / "model.pth", kind, int(gs) if gs else None, device=device,
+                                            log=lambda *a: None)
     return G.load_model(path, device, dtype)
 
 
@@ -85,16 +87,22 @@ def kv_bytes_per_token(model: Transformer, filled: float) -> float:
     return 2 * len(model.layers) * a.n_local_heads * a.head_dim * filled * elt
 
 
-def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, compile, copy_bw, warm_compile=False,
-              profile=False, repeats=3, workdir=Path("/tmp/bench_ckpt"), world_size=1):
-    torch._dynamo.reset()
-    model = random_model(name, mode, device, dtype, workdir, use_tp=world_size > 1)
-    max_seq = prompt_len + new_tokens
-    with torch.device(device):
-        model.setup_caches(batch_size, max_seq)
+def compile_fns(compile: bool, compile_prefill: bool) -> None:
     G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True) \
         if compile else EAGER_DECODE
-    G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True) if compile else EAGER_PREFILL
+    G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True) \
+        if compile and compile_prefill else EAGER_PREFILL
+
+
+def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, compile, copy_bw, warm_compile=False,
+              profile=False, repeats=3, workdir=Path("/tmp/bench_ckpt"), world_size=1, cache_length=None,
+              compile_prefill=True):
+    torch._dynamo.reset()
+    model = random_model(name, mode, device, dtype, workdir, use_tp=world_size > 1)
+    max_seq = max(cache_length or 0, prompt_len + new_tokens)
+    with torch.device(device):
+        model.setup_caches(batch_size, max_seq)
+    compile_fns(compile, compile_prefill)
     prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
     kw = dict(temperature=0.8, top_k=200)
 
@@ -110,12 +118,6 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
 
     print(f"  {name} {mode}: model ready, compiling", flush=True)
     t_compile, _ = run()  # compiles prefill and decode (cold unless the inductor cache is warm)
-    t_compile2 = None
-    if compile and warm_compile:  # warm: throw away dynamo's state, recompile from inductor's on-disk cache
-        torch._dynamo.reset()
-        G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
-        G.prefill = torch.compile(EAGER_PREFILL, fullgraph=True, dynamic=True)
-        t_compile2, _ = run()
     walls = []
     for _ in range(repeats):
         t, y = run()
@@ -129,13 +131,19 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             run_n(20)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    t_compile2 = None
+    if compile and warm_compile:  # warm: throw away dynamo's state, recompile from inductor's on-disk cache
+        torch._dynamo.reset()
+        compile_fns(compile, compile_prefill)
+        t_compile2, _ = run()
     weight_bytes = G.model_size_bytes(model)
     tok_bytes = weight_bytes + batch_size * kv_bytes_per_token(model, prompt_len + new_tokens / 2)
     gbs = tok_bytes / (ms_tok / 1e3) / 1e9
     if world_size > 1:
         import tp
         world_size = f"{world_size} ({'one-shot' if tp.one_shot_in_use() else 'NCCL'})"
-    row = dict(model=name, mode=mode, tp=world_size, prompt=prompt_len, new=n_new, batch=batch_size,
+    row = dict(model=name, mode=mode, tp=world_size, prompt=prompt_len, cache=model.max_seq_length, new=n_new,
+               batch=batch_size, prefill="compiled" if compile and compile_prefill else "eager",
                tok_s=n_new * batch_size / wall, ms_tok=ms_tok, gb_tok=tok_bytes / 1e9, gbs=gbs,
                pct=100 * gbs / copy_bw, ttft_ms=ttft * 1e3, compile_s=t_compile, compile_warm_s=t_compile2,
                limit_tok_s=copy_bw * 1e9 / tok_bytes)
@@ -232,6 +240,10 @@ def main():
     p.add_argument("--speculate_k", type=int, default=4)
     p.add_argument("--one_shot_max_bytes", type=int, default=None,
                    help="under torchrun: largest all-reduce that takes tp.py's one-shot path (0: NCCL only)")
+    p.add_argument("--eager_prefill", action="store_true",
+                   help="compile decode only, as generate.py --compile does without --compile_prefill")
+    p.add_argument("--cache_length", type=int, default=None,
+                   help="allocate the KV cache for this many tokens (generate.py --interactive allocates 8192)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args()
     dtype = torch.bfloat16
@@ -277,7 +289,8 @@ def main():
             try:
                 row = bench_one(name, mode, a.prompt_length, a.max_new_tokens, a.batch_size, a.device, dtype,
                                 not a.no_compile, bw, a.warm_compile, a.profile,
-                                workdir=a.workdir, world_size=world_size)
+                                workdir=a.workdir, world_size=world_size, cache_length=a.cache_length,
+                                compile_prefill=not a.eager_prefill)
             except Exception as e:  # keep going: one failing configuration must not lose the others
                 print(f"{name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
