@@ -11,6 +11,12 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
+try:  # the decode attention kernel below is Triton; installs without it (CPU) use SDPA
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
@@ -180,6 +186,109 @@ def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).type_as(x)
 
 
+# Decode attention. For a few query positions per sequence (decode, speculative verify) SDPA reads the whole
+# allocated cache under a mask and costs about 11 us per layer in three kernels on an H100 (scripts/bench_notes.md);
+# this kernel reads only the keys up to the last position, every query head of a key/value head in one program
+# (GQA without repeating K and V), the cache split along its length over the GPU's SMs, then one combine.
+if triton is not None:
+    @triton.jit
+    def _attn_split_kernel(Q, K, V, Pos, Out, Part, Stat, sqb, sqh, sqs, skb, skh, skn, sob, sos, soh,
+                           n_kv_heads, group, seqlen, split_len,
+                           BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
+                           ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, h = bh // n_kv_heads, bh % n_kv_heads
+        rows = tl.arange(0, BM)  # row r: query head h * group + r // seqlen at query position r % seqlen
+        head, s = h * group + rows // seqlen, rows % seqlen
+        live = rows < group * seqlen
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], mask=live[:, None], other=0.0)
+        pos = tl.load(Pos + s, mask=live, other=-1).to(tl.int32)  # a row sees the keys at or before its position
+        start = split * split_len
+        end = tl.minimum(start + split_len, tl.max(pos, 0) + 1)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        l = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for n0 in range(start, end, BN):
+            n = n0 + tl.arange(0, BN)
+            kv_off = b * skb + h * skh + n[:, None] * skn + d[None, :]
+            k = tl.load(K + kv_off, mask=(n < end)[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
+            qk = tl.where(n[None, :] <= pos[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+            p = tl.exp(qk - m_use[:, None])
+            alpha = tl.exp(m - m_use)
+            v = tl.load(V + kv_off, mask=(n < end)[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+        if ONE_SPLIT:
+            out = Out + b * sob + s[:, None] * sos + head[:, None] * soh + d[None, :]
+            tl.store(out, (acc / l[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
+        else:  # partial results, combined by the kernel below
+            at = bh * tl.num_programs(1) + split
+            tl.store(Part + (at * BM + rows[:, None]) * D + d[None, :], acc)
+            tl.store(Stat + (at * 2) * BM + rows, m)
+            tl.store(Stat + (at * 2 + 1) * BM + rows, l)
+
+    @triton.jit
+    def _attn_combine_kernel(Part, Stat, Out, sob, sos, soh, n_kv_heads, group, seqlen, n_splits,
+                             BM: tl.constexpr, NS: tl.constexpr, D: tl.constexpr):
+        bh, r = tl.program_id(0), tl.program_id(1)
+        sp = tl.arange(0, NS)
+        at = bh * n_splits + sp
+        m = tl.load(Stat + (at * 2) * BM + r, mask=sp < n_splits, other=float("-inf"))
+        l = tl.load(Stat + (at * 2 + 1) * BM + r, mask=sp < n_splits, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))  # the first split always holds key 0, so the maximum is finite
+        d = tl.arange(0, D)
+        part = tl.load(Part + (at[:, None] * BM + r) * D + d[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+        y = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
+        b, head, s = bh // n_kv_heads, (bh % n_kv_heads) * group + r // seqlen, r % seqlen
+        tl.store(Out + b * sob + s * sos + head * soh + d, y.to(Out.dtype.element_ty))
+
+    # An opaque custom op, not torch.library.triton_op: traced into by inductor, the decode step slowed down by about
+    # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session).
+    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+    def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """q: [B, H, S, D], k and v: [B, Hkv, T, D] (the cache), input_pos: [S] increasing -> [B, S, H, D]."""
+        bsz, n_head, seqlen, head_dim = q.shape
+        n_kv_heads, cache_len = k.shape[1], k.shape[2]
+        group = n_head // n_kv_heads
+        out = q.new_empty(bsz, seqlen, n_head, head_dim)
+        block_m, block_n = max(16, triton.next_power_of_2(group * seqlen)), 64
+        # enough programs for two per SM over the cache's length; splits past the filled length return at once
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        n_splits = max(1, min(triton.cdiv(cache_len, 128), triton.cdiv(2 * sms, bsz * n_kv_heads)))
+        split_len = triton.cdiv(triton.cdiv(cache_len, n_splits), block_n) * block_n
+        n_splits = triton.cdiv(cache_len, split_len)
+        part = q.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
+        stat = q.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
+        _attn_split_kernel[(bsz * n_kv_heads, n_splits)](
+            q, k, v, input_pos, out, part, stat, q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            n_kv_heads, group, seqlen, split_len,
+            BM=block_m, BN=block_n, D=head_dim, SCALE=head_dim ** -0.5, ONE_SPLIT=n_splits == 1,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        if n_splits > 1:
+            _attn_combine_kernel[(bsz * n_kv_heads, group * seqlen)](
+                part, stat, out, out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group, seqlen, n_splits,
+                BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim)
+        return out
+
+    @decode_attention.register_fake
+    def _(q, k, v, input_pos):
+        return q.new_empty(q.size(0), q.size(2), q.size(1), q.size(3))
+else:
+    decode_attention = None
+
+
+def use_decode_attention(q: Tensor, k: Tensor) -> bool:
+    d = q.size(-1)
+    return decode_attention is not None and q.is_cuda and q.size(2) <= 16 and k.stride(-1) == 1 and \
+        q.stride(-1) == 1 and d >= 16 and d & (d - 1) == 0
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -206,9 +315,12 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
-                                           enable_gqa=self.n_head != self.n_local_heads)
-        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
+        if self.kv_cache is not None and use_decode_attention(q, k):
+            y = decode_attention(q, k, v, input_pos)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                               enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
+        y = y.contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
         return self.wo(y)
 
 

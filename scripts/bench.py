@@ -244,6 +244,8 @@ def main():
                    help="compile decode only, as generate.py --compile does without --compile_prefill")
     p.add_argument("--cache_length", type=int, default=None,
                    help="allocate the KV cache for this many tokens (generate.py --interactive allocates 8192)")
+    p.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                   help="sdpa: decode with SDPA even where model.py's Triton decode attention applies")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args()
     dtype = torch.bfloat16
@@ -257,6 +259,9 @@ def main():
             world_size = int(os.environ["WORLD_SIZE"])
             a.device = f"cuda:{rank}" if "cuda" in a.device else a.device
             tp.quiet_other_ranks(rank)
+    if a.attention == "sdpa":
+        import model
+        model.use_decode_attention = lambda q, k: False
     bw = copy_bandwidth(a.device)
     dev_name = torch.cuda.get_device_name() if "cuda" in a.device else "cpu"
     print(f"device {dev_name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s", flush=True)

@@ -1,6 +1,9 @@
 # model.py and the HF converter against transformers, in float32, for every architecture variant.
+import pytest
 import torch
+from torch.nn import functional as F
 
+import model as model_module
 from generate import generate, load_model
 
 
@@ -48,3 +51,64 @@ def test_config_matches_hf(variant):
     assert model.config.qk_norm == (name == "qwen3")
     if name == "llama3":
         assert model.config.rope_scaling["factor"] == 8.0
+
+
+# On a GPU the decode steps (and prompts of up to 16 tokens) take model.py's Triton decode attention instead of SDPA:
+# the same comparisons with transformers on the CPU, then the kernel alone against SDPA where the cache is long.
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or model_module.decode_attention is None,
+                          reason="needs a CUDA GPU and Triton")
+
+
+@cuda
+def test_gpu_logits_match_transformers(variant):
+    name, hf, ckpt_dir = variant
+    model = load_model(ckpt_dir / "model.pth", "cuda", torch.float32)
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.setup_caches(2, 32)
+        x, n_prefill = ids.cuda(), 7
+        out = model(x[:, :n_prefill], torch.arange(n_prefill, device="cuda"))
+        steps = [model(x[:, i:i + 1], torch.tensor([i], device="cuda")) for i in range(n_prefill, ids.size(1))]
+    got = torch.cat([out] + steps, dim=1).cpu()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@cuda
+def test_gpu_compiled_greedy_tokens_match_transformers(variant):
+    import generate as G
+    name, hf, ckpt_dir = variant
+    if name not in ("qwen2", "llama2"):  # one GQA and one MHA model: each compile takes a while
+        pytest.skip("compiled on two variants only")
+    model = load_model(ckpt_dir / "model.pth", "cuda", torch.float32)
+    prompt = torch.tensor([3, 17, 42, 7, 99], dtype=torch.int)
+    with torch.no_grad():
+        ref = hf.generate(prompt[None].long(), max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                          pad_token_id=0)[0].tolist()
+        model.setup_caches(1, 600)  # a cache longer than the text: several splits, most of them empty
+        eager_decode = G.decode_one_token
+        G.decode_one_token = torch.compile(eager_decode, mode="reduce-overhead", fullgraph=True)
+        try:
+            y, _ = generate(model, prompt.cuda(), 30, temperature=0)
+        finally:
+            G.decode_one_token = eager_decode
+    assert y[0].tolist() == ref
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bsz,n_head,n_kv,head_dim,seqlen,cache_len,last", [
+    (1, 32, 32, 128, 1, 208, 100), (1, 28, 4, 128, 1, 8400, 8300), (2, 14, 2, 64, 1, 1000, 0),
+    (1, 14, 2, 64, 5, 1000, 999), (2, 32, 8, 128, 5, 4096, 3000), (1, 9, 3, 64, 16, 8192, 70)])
+def test_decode_attention_matches_sdpa(dtype, bsz, n_head, n_kv, head_dim, seqlen, cache_len, last):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(bsz, seqlen, n_head, head_dim, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(bsz, n_kv, cache_len, head_dim, device="cuda", generator=g).to(dtype) for _ in range(2))
+    pos = torch.arange(last - seqlen + 1, last + 1, device="cuda")
+    mask = torch.ones(cache_len, cache_len, dtype=torch.bool, device="cuda").tril()[pos]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                         enable_gqa=n_head != n_kv).transpose(1, 2)
+    got = model_module.decode_attention(q, k, v, pos)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
