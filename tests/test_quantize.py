@@ -163,6 +163,51 @@ def test_int4_and_int8_compile_fullgraph():
         assert rel_err(torch.compile(m8, fullgraph=True)(x), x @ quantize.dequantize_int8(q, s).T) < 1e-5
 
 
+needs_gpu_kernel = pytest.mark.skipif(not torch.cuda.is_available() or quantize.int8_gemv is None,
+                                      reason="the int8 decode kernel needs a GPU and Triton")
+
+
+@needs_gpu_kernel
+@pytest.mark.parametrize("n,k", [(37, 300), (5, 2049), (1152, 896), (4096, 11008)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gpu_kernel_matches_dequantize_reference(n, k, dtype):
+    torch._dynamo.reset()  # each case compiles the layer twice; with fullgraph, dynamo's recompile limit is an error
+    q, s = quantize.quantize_int8(torch.randn(n, k))
+    m = quantize.WeightOnlyInt8Linear(k, n, bias=True)
+    m.load_state_dict({"weight": q, "scales": s, "bias": torch.randn(n)})
+    m = quantize.pack_for_device(m.cuda().to(dtype))
+    w = quantize.dequantize_int8(q, s).double()
+    for rows in (1, 3):  # one row takes the kernel, more rows F.linear
+        x = torch.randn(rows, k).to(dtype)
+        want = x.double() @ w.T + m.bias.double().cpu()
+        with torch.no_grad():
+            for f in (m, torch.compile(m, fullgraph=True)):
+                got = f(x.cuda()).double().cpu()
+                assert got.shape == (rows, n)
+                # float32: the kernel and F.linear sum in float32; bfloat16: the scales, the bias and the
+                # output are rounded to bfloat16 (2^-9 each)
+                assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_gpu_kernel
+@pytest.mark.parametrize("name", ["llama2", "qwen2_tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gpu_compiled_decode_matches_dequantized(tiny, name, dtype):
+    hf, ckpt_dir = tiny(name)
+    path = quantized(ckpt_dir, "int8")
+    model = generate.load_model(path, "cuda", dtype)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    ref = logits(dequantized_model(path, model.config).double(), ids.long())
+    model.setup_caches(1, 16)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        out = [model(ids[:, :4].cuda(), torch.arange(4, device="cuda"))]
+        for i in range(4, 16):  # one token per step: the int8 kernel
+            out.append(step(ids[:, i:i + 1].cuda(), torch.tensor([i], device="cuda")).clone())
+    got = torch.cat(out, dim=1).double().cpu()
+    assert rel_err(got, ref) < (1e-4 if dtype == torch.float32 else 3e-2)  # garbage gives ~1.4
+
+
 # ---------------------------------------------------------------------------------------------------- small models
 
 def dequantized_model(path, args):
