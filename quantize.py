@@ -26,7 +26,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -77,16 +76,16 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
 # each weight row once: BLOCK_N rows per program, the whole input width in steps of BLOCK_K, int8 turned into float
 # by adding it to the bits of 1.5 * 2**23 and subtracting that float again (integer and float adds, cheaper than a
 # convert instruction), one scale per row at the end. H100, llama-2-7b int8: 5.35 -> 3.61 ms/token; the matrices
-# alone read at 1.9-2.8 TB/s (scripts/bench_notes.md). Float weights (INT8=False, no scales) take the same loop.
+# alone read at 1.9-2.8 TB/s (scripts/bench_notes.md).
 if triton is not None:
     @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                               for n, k, w, s in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4),
                                                  (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2),
                                                  (16, 1024, 8, 3), (32, 512, 8, 3), (8, 2048, 8, 3),
                                                  (4, 2048, 4, 3), (16, 512, 4, 4)]],
-                     key=["N", "K", "INT8"])
+                     key=["N", "K"])
     @triton.jit
-    def _gemv_kernel(X, W, S, Y, N, K, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_gemv_kernel(X, W, S, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rn < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -95,26 +94,17 @@ if triton is not None:
             w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=live[:, None] & (rk < K)[None, :],
                         other=0, eviction_policy="evict_first")
             x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-            if INT8:
-                w = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, 1)
-        if INT8:
-            y = y * tl.load(S + rn, mask=live, other=0.0)
+            acc += ((w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * x[None, :]
+        y = tl.sum(acc, 1) * tl.load(S + rn, mask=live, other=0.0)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
-
-    def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, out_dtype=None) -> Tensor:
-        """x [K] times w [N, K] (contiguous; int8 with float scales [N], or float) -> [N]."""
-        n, k = w.shape
-        y = x.new_empty(n, dtype=out_dtype or x.dtype)
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, w, scales, y, n, k,
-                                                                      INT8=w.dtype == torch.int8)
-        return y
 
     @torch.library.custom_op("gptfast::int8_gemv", mutates_args=())
     def int8_gemv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
         """x [K] (one row), w int8 [N, K] contiguous, scales [N] -> [N] in x's and scales' promoted dtype."""
-        return gemv(x, w, scales, torch.promote_types(x.dtype, scales.dtype))
+        n, k = w.shape
+        y = x.new_empty(n, dtype=torch.promote_types(x.dtype, scales.dtype))
+        _int8_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, w, scales, y, n, k)
+        return y
 
     @int8_gemv.register_fake
     def _(x, w, scales):
