@@ -31,6 +31,19 @@ def greedy(model, prompt, n, **kw):
     return G.generate(model, prompt, n, temperature=0, **kw)
 
 
+def test_top_k_keeps_exactly_the_k_largest():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, generator=g)
+    logits[1, :7] = 9.0  # ties at the threshold are kept, as a comparison with the k-th largest keeps them
+    for k in (1, 7, 200, 500, 900):
+        kth = logits.sort(dim=-1, descending=True).values[:, min(k, 500) - 1:min(k, 500)]
+        want = torch.softmax(torch.where(logits >= kth, logits / 0.7, -float("inf")), dim=-1)
+        for f in (G.logits_to_probs, torch.compile(G.logits_to_probs, fullgraph=True)):
+            got = f(logits, 0.7, k)
+            assert torch.allclose(got, want, atol=1e-6)
+            assert ((got > 0).sum(-1) >= min(k, 500)).all() and ((got > 0).sum(-1)[[0, 2]] == min(k, 500)).all()
+
+
 def test_compiled_decode_matches_eager(qwen2, monkeypatch):
     _, ckpt = qwen2
     model = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
