@@ -180,20 +180,22 @@ def all_reduce_us(device, dim: int, one_shot: bool = False, n: int = 200) -> flo
 
 
 @torch.no_grad()
-def step_ms(model, device, k, n=50):
-    """Steady ms of one compiled decode step and of one (k + 1)-token verify step, at position 16."""
+def step_ms(model, device, k, n=50, with_probs=False):
+    """Steady ms of one compiled decode step and of one (k + 1)-token verify step, at position 16. with_probs: the
+    decode step also returns the token's distribution, as a speculative draft's does."""
     decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
     verify = torch.compile(EAGER_FORWARD, mode="reduce-overhead", fullgraph=True)
     x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
     out = []
-    for fn, args in ((decode, (model, x1, pos1)), (verify, (model, xk, posk))):
+    kw = dict(temperature=0.8, top_k=200)  # generate.py's defaults, as bench_one samples
+    for fn, args, kwargs in ((decode, (model, x1, pos1, with_probs), kw), (verify, (model, xk, posk), {})):
         for _ in range(3):
-            fn(*args)
+            fn(*args, **kwargs)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            fn(*args)
+            fn(*args, **kwargs)
         sync(device)
         out.append((time.perf_counter() - t0) / n * 1e3)
     return out
@@ -211,7 +213,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     dmodel = random_model(name, draft, device, dtype, workdir) if draft in ("int8", "int4-g32", "int4-g128") \
         else random_model(draft, "bf16", device, dtype, workdir)
     dmodel.setup_caches(1, 64)
-    t_draft, _ = step_ms(dmodel, device, k)
+    t_draft, _ = step_ms(dmodel, device, k, with_probs=True)
     row = dict(model=name, draft=draft, k=k, plain_ms=t_plain, draft_ms=t_draft, verify_ms=t_verify,
                verify_over_plain=t_verify / t_plain)
     for a in acceptances:

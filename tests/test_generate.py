@@ -34,14 +34,33 @@ def greedy(model, prompt, n, **kw):
 def test_top_k_keeps_exactly_the_k_largest():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 500, generator=g)
-    logits[1, :7] = 9.0  # ties at the threshold are kept, as a comparison with the k-th largest keeps them
+    logits[1, :7] = 9.0  # a tie at the top: k of the seven are kept when k < 7
     for k in (1, 7, 200, 500, 900):
-        kth = logits.sort(dim=-1, descending=True).values[:, min(k, 500) - 1:min(k, 500)]
-        want = torch.softmax(torch.where(logits >= kth, logits / 0.7, -float("inf")), dim=-1)
+        kk = min(k, 500)
+        kth = logits.sort(dim=-1, descending=True).values[:, kk - 1:kk]
         for f in (G.logits_to_probs, torch.compile(G.logits_to_probs, fullgraph=True)):
             got = f(logits, 0.7, k)
+            kept = got > 0
+            assert (kept.sum(-1) == kk).all()  # exactly k
+            assert (logits[kept] >= kth.expand_as(logits)[kept]).all() and kept[logits > kth].all()
+            want = torch.softmax(torch.where(kept, logits / 0.7, -float("inf")), dim=-1)
             assert torch.allclose(got, want, atol=1e-6)
-            assert ((got > 0).sum(-1) >= min(k, 500)).all() and ((got > 0).sum(-1)[[0, 2]] == min(k, 500)).all()
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_sample_token_draws_from_logits_to_probs(top_k):
+    # sample_token never builds the distribution; its draws follow logits_to_probs' (the one speculative decoding
+    # checks against) within 5 standard deviations per token, and never leave the top k
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    probs = G.logits_to_probs(logits, 0.7, top_k)[0]
+    n = 40000
+    for f in (G.sample_token, torch.compile(G.sample_token, fullgraph=True)):
+        draws = f(logits.expand(n, 12), 0.7, top_k)
+        assert draws.shape == (n, 1) and draws.dtype == torch.int
+        freq = torch.bincount(draws[:, 0].long(), minlength=12).double() / n
+        assert ((freq - probs.double()).abs() <= 5 * (probs.double() * (1 - probs.double()) / n).sqrt() + 1e-9).all()
+    assert torch.equal(G.sample_token(logits, 0, top_k), logits.argmax(-1, keepdim=True).int())
 
 
 def test_compiled_decode_matches_eager(qwen2, monkeypatch):
