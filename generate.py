@@ -417,7 +417,7 @@ def main(args) -> None:
         if args.compile_prefill:
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 
-    sampling = dict(temperature=args.temperature, top_k=args.top_k)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None)
     gen_kwargs = dict(batch_size=args.batch_size, draft_model=draft_model, speculate_k=args.speculate_k, **sampling)
     if args.interactive:
         return chat(model, tokenizer, stop_ids, args, device, gen_kwargs)
@@ -508,7 +508,7 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=5, help="number of samples")
     p.add_argument("--max_new_tokens", type=int, default=200, help="largest number of new tokens")
     p.add_argument("--batch_size", type=int, default=1, help="batch size (the prompt is repeated)")
-    p.add_argument("--top_k", type=int, default=200, help="top-k for sampling")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (0: from all)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"),
@@ -529,6 +529,8 @@ def parse_args(argv=None):
         p.error("--max_new_tokens must be at least 1")
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
+    if args.top_k < 0:
+        p.error("--top_k must be >= 0 (0 samples from all tokens)")
     if args.draft_checkpoint_path and args.batch_size != 1:
         p.error("speculative decoding supports --batch_size 1 only")
     if args.speculate_k < 1:

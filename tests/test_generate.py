@@ -253,3 +253,5 @@ def test_cli_errors(smollm, tmp_path):
     bad(run_cli("--checkpoint_path", ckpt, "--prompt", "hi " * 9000), "context")
     bad(run_cli("--checkpoint_path", ckpt, "--max_new_tokens", "9000"), "--max_new_tokens")
     assert run_cli("--checkpoint_path", ckpt, "--temperature", "-1").returncode == 2
+    r = run_cli("--checkpoint_path", ckpt, "--top_k", "-3")
+    assert r.returncode == 2 and "--top_k must be >= 0" in r.stderr and "Traceback" not in r.stderr
