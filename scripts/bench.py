@@ -201,14 +201,16 @@ def step_ms(model, device, k, n=50, with_probs=False):
     return out
 
 
-def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 0.7, 0.8, 0.9)):
+def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 0.7, 0.8, 0.9), new_tokens=200,
+                      prompt_len=5):
     """Step times of the target, the draft and the verify; the speedup they predict at a per-token acceptance a:
-    a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps plus one verify."""
+    a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps plus one verify. Then generate.py's own
+    speculative loop end to end (compiled as `generate.py --compile` compiles it): ms per new token and the mean
+    tokens per round at the acceptance these random weights give, against what the step times predict for it."""
     torch._dynamo.reset()
     target = random_model(name, "bf16", device, dtype, workdir)
     target.setup_caches(1, 64)
     t_plain, t_verify = step_ms(target, device, k)
-    del target
     torch._dynamo.reset()
     dmodel = random_model(name, draft, device, dtype, workdir) if draft in ("int8", "int4-g32", "int4-g128") \
         else random_model(draft, "bf16", device, dtype, workdir)
@@ -219,6 +221,32 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     for a in acceptances:
         tokens = (1 - a ** (k + 1)) / (1 - a)
         row[f"speedup@{a}"] = tokens * t_plain / (k * t_draft + t_verify)
+
+    torch._dynamo.reset()
+    G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
+    G.model_forward = torch.compile(EAGER_FORWARD, mode="reduce-overhead", fullgraph=True)
+    G.prefill = EAGER_PREFILL
+    with torch.device(device):
+        for m in (target, dmodel):
+            m.setup_caches(1, prompt_len + new_tokens + k + 1)
+    prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
+
+    def run(n):
+        sync(device)
+        t0 = time.perf_counter()
+        y, stats = G.generate(target, prompt, n, draft_model=dmodel, speculate_k=k, temperature=0.8, top_k=200)
+        sync(device)
+        return time.perf_counter() - t0, stats["accept_counts"]
+
+    run(new_tokens)  # compiles
+    short, long = run(new_tokens // 4), run(new_tokens)  # the difference leaves out prefill and the first rounds
+    counts = [c1 - c0 for c0, c1 in zip(short[1], long[1])]  # the rounds the longer run adds, by tokens accepted
+    tokens = sum((i + 1) * c for i, c in enumerate(counts))  # counted before generate cuts at max_new_tokens
+    ms_tok = (long[0] - short[0]) / max(1, tokens) * 1e3
+    per_round = tokens / max(1, sum(counts))
+    row.update(e2e_ms_per_token=ms_tok, e2e_tokens_per_round=per_round,
+               e2e_predicted_ms_per_token=(k * t_draft + t_verify) / per_round, e2e_speedup=t_plain / ms_tok)
+    G.decode_one_token, G.model_forward = EAGER_DECODE, EAGER_FORWARD
     return row
 
 
@@ -287,7 +315,8 @@ def main():
     for name in a.models:
         for draft in a.speculate:
             try:
-                row = bench_speculative(name, draft, a.speculate_k, a.device, dtype, a.workdir)
+                row = bench_speculative(name, draft, a.speculate_k, a.device, dtype, a.workdir,
+                                        new_tokens=a.max_new_tokens, prompt_len=a.prompt_length)
             except Exception as e:
                 print(f"{name} draft {draft}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
