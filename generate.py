@@ -34,18 +34,24 @@ def multinomial_sample_one_no_sync(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
+def top_k_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]):
+    """logits [..., V] -> (the scaled logits sampling draws from, their token ids, or None when they are all V). top_k
+    keeps exactly k tokens (a tie at the k-th value is broken by topk); unsorted, as only the set matters."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        return torch.topk(logits, top_k, sorted=False)
+    return logits, None
+
+
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
     """logits [..., V] -> the distribution sampled from; temperature 0 gives the one-hot of the argmax (exact greedy,
-    and it keeps speculative decoding's acceptance rule exact too). top_k keeps exactly k tokens (a tie at the k-th
-    value is broken by topk), the same ones sample_token draws from."""
+    and it keeps speculative decoding's acceptance rule exact too)."""
     if temperature == 0:
         idx = torch.argmax(logits, dim=-1)
         return torch.nn.functional.one_hot(idx, logits.size(-1)).to(logits.dtype)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, i = torch.topk(logits, top_k, sorted=False)
-        return torch.zeros_like(logits).scatter_(-1, i, torch.nn.functional.softmax(v, dim=-1))
-    return torch.nn.functional.softmax(logits, dim=-1)
+    v, ids = top_k_logits(logits, temperature, top_k)
+    p = torch.nn.functional.softmax(v, dim=-1)
+    return p if ids is None else torch.zeros_like(logits).scatter_(-1, ids, p)
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -54,12 +60,9 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     token on H100, a tenth of a 0.5B model's step."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, i = torch.topk(logits, top_k, sorted=False)
-        j = multinomial_sample_one_no_sync(torch.nn.functional.softmax(v, dim=-1))
-        return torch.gather(i, -1, j.long()).to(dtype=torch.int)
-    return multinomial_sample_one_no_sync(torch.nn.functional.softmax(logits, dim=-1))
+    v, ids = top_k_logits(logits, temperature, top_k)
+    j = multinomial_sample_one_no_sync(torch.nn.functional.softmax(v, dim=-1))
+    return j if ids is None else torch.gather(ids, -1, j.long()).to(dtype=torch.int)
 
 
 def sample_from_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ import generate as G  # noqa: E402
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
 EAGER_DECODE, EAGER_PREFILL, EAGER_FORWARD = G.decode_one_token, G.prefill, G.model_forward
+SAMPLING = dict(temperature=0.8, top_k=200)  # generate.py's defaults
 
 
 def sync(device):
@@ -104,12 +105,11 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
         model.setup_caches(batch_size, max_seq)
     compile_fns(compile, compile_prefill)
     prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
-    kw = dict(temperature=0.8, top_k=200)
 
     def run(n=new_tokens):
         sync(device)
         t0 = time.perf_counter()
-        y, _ = G.generate(model, prompt, n, batch_size=batch_size, **kw)
+        y, _ = G.generate(model, prompt, n, batch_size=batch_size, **SAMPLING)
         sync(device)
         return time.perf_counter() - t0, y
 
@@ -188,8 +188,7 @@ def step_ms(model, device, k, n=50, with_probs=False):
     x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
     out = []
-    kw = dict(temperature=0.8, top_k=200)  # generate.py's defaults, as bench_one samples
-    for fn, args, kwargs in ((decode, (model, x1, pos1, with_probs), kw), (verify, (model, xk, posk), {})):
+    for fn, args, kwargs in ((decode, (model, x1, pos1, with_probs), SAMPLING), (verify, (model, xk, posk), {})):
         for _ in range(3):
             fn(*args, **kwargs)
         sync(device)
@@ -234,7 +233,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     def run(n):
         sync(device)
         t0 = time.perf_counter()
-        y, stats = G.generate(target, prompt, n, draft_model=dmodel, speculate_k=k, temperature=0.8, top_k=200)
+        y, stats = G.generate(target, prompt, n, draft_model=dmodel, speculate_k=k, **SAMPLING)
         sync(device)
         return time.perf_counter() - t0, stats["accept_counts"]
 
