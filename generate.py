@@ -281,7 +281,7 @@ def lay_out_for_cpu(model: Transformer) -> None:
     become SplitLinear (same parameters and hooks, another forward)."""
     split = torch.get_num_threads() >= 2
     for m in model.modules():
-        if type(m) is torch.nn.Linear:
+        if isinstance(m, torch.nn.Linear):  # GemvLinear (model.py) too: its kernel is CUDA-only
             if m.out_features >= m.in_features:
                 m.weight.data = m.weight.data.t().contiguous().t()
             if split and m.weight.size(0) % 2 == 0 and m.weight.size(1) % 2 == 0:

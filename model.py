@@ -294,12 +294,88 @@ def use_decode_attention(q: Tensor, k: Tensor) -> bool:
         q.stride(-1) == 1 and d >= 16 and d & (d - 1) == 0
 
 
+# One row times a weight on CUDA (decode). Inductor writes a one-row product as a reduction and inlines the op
+# before it into the weight loads, so silu-mul before w2 was computed again for every weight row: w2 ran at 1.6 TB/s
+# in bf16 and 0.66 in int8 (scripts/bench_notes.md). This kernel is opaque to inductor and reads each row once:
+# BLOCK_N rows per program, the input width in steps of BLOCK_K, a float32 accumulator summed at the end. Weights
+# are float or int8 (then one scale per row; int8 becomes float by adding it to the bits of 1.5 * 2**23 and
+# subtracting that float, cheaper than a convert).
+if triton is not None:
+    @triton.jit
+    def _as_float(w):
+        if w.dtype == tl.int8:
+            return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        return w.to(tl.float32)
+
+    @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                              for n, k, w, s in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4),
+                                                 (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2),
+                                                 (16, 1024, 8, 3), (32, 512, 8, 3), (8, 2048, 8, 3),
+                                                 (4, 2048, 4, 3), (16, 512, 4, 4)]],
+                     key=["N", "K", "SCALED", "BIAS"])
+    @triton.jit
+    def _gemv_kernel(X, W, S, B, Y, N, K, SCALED: tl.constexpr, BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rn < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            at, m = rn[:, None].to(tl.int64) * K + rk[None, :], live[:, None] & (rk < K)[None, :]
+            x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+            acc += _as_float(tl.load(W + at, mask=m, other=0, eviction_policy="evict_first")) * x
+        y = tl.sum(acc, 1)
+        if SCALED:
+            y *= tl.load(S + rn, mask=live, other=0.0)
+        if BIAS:
+            y += tl.load(B + rn, mask=live, other=0.0)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
+
+    def _gemv_dtype(x: Tensor, scales: Optional[Tensor]) -> torch.dtype:
+        return x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
+
+    @torch.library.custom_op("gptfast::gemv", mutates_args=())
+    def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """x [K] (one row), w [N, K] contiguous, float or int8 with scales [N], bias [N] -> x w^T * scales + bias
+        [N], in x's dtype promoted with the scales'."""
+        n, k = w.shape
+        y = x.new_empty(n, dtype=_gemv_dtype(x, scales))
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x, w, w if scales is None else scales, w if bias is None else bias, y, n, k,
+            SCALED=scales is not None, BIAS=bias is not None)
+        return y
+
+    @gemv.register_fake
+    def _(x, w, scales=None, bias=None):
+        return x.new_empty(w.size(0), dtype=_gemv_dtype(x, scales))
+else:
+    gemv = None
+
+
+def use_gemv(x: Tensor, w: Tensor) -> bool:
+    """Whether x times w goes to the kernel above: one row on CUDA, a contiguous 2D weight."""
+    return gemv is not None and x.is_cuda and x.numel() == x.size(-1) and w.dim() == 2 and w.is_contiguous()
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row product on CUDA is the kernel above. Used for the down-projection w2, whose input
+    (silu-mul) inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token),
+    and for q/k/v with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor, which fuses
+    the RMSNorm before them into their loads (wo through the kernel was slower; scripts/bench_notes.md)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_gemv(x, self.weight):
+            return gemv(x.reshape(-1).contiguous(), self.weight, None, self.bias).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
         total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=config.qkv_bias)
+        # with a bias (Qwen 1-2.5) inductor leaves the product to cuBLAS and the norm unfused; the kernel is faster
+        self.wqkv = (GemvLinear if config.qkv_bias else nn.Linear)(config.dim, total_head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -334,7 +410,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+        self.w2 = GemvLinear(config.intermediate_size, config.dim, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -32,13 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, open_checkpoint
-
-try:  # the int8 decode kernel below is Triton; installs without it (CPU) use PyTorch ops
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, open_checkpoint, use_gemv
 
 FORMAT = 2
 READ_FORMATS = (1, 2)
@@ -71,48 +65,6 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-# int8 times one row on CUDA. Left to inductor, the product fuses the op before it (RMSNorm, silu-mul) into its
-# loads and computes it again for every output row; for w2 after silu-mul that ran at 0.66 TB/s. This kernel reads
-# each weight row once: BLOCK_N rows per program, the whole input width in steps of BLOCK_K, int8 turned into float
-# by adding it to the bits of 1.5 * 2**23 and subtracting that float again (integer and float adds, cheaper than a
-# convert instruction), one scale per row at the end. H100, llama-2-7b int8: 5.35 -> 3.61 ms/token; the matrices
-# alone read at 1.9-2.8 TB/s (scripts/bench_notes.md).
-if triton is not None:
-    @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                              for n, k, w, s in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4),
-                                                 (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2),
-                                                 (16, 1024, 8, 3), (32, 512, 8, 3), (8, 2048, 8, 3),
-                                                 (4, 2048, 4, 3), (16, 512, 4, 4)]],
-                     key=["N", "K"])
-    @triton.jit
-    def _int8_gemv_kernel(X, W, S, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = rn < N
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=live[:, None] & (rk < K)[None, :],
-                        other=0, eviction_policy="evict_first")
-            x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-            acc += ((w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * x[None, :]
-        y = tl.sum(acc, 1) * tl.load(S + rn, mask=live, other=0.0)
-        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
-
-    @torch.library.custom_op("gptfast::int8_gemv", mutates_args=())
-    def int8_gemv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-        """x [K] (one row), w int8 [N, K] contiguous, scales [N] -> [N] in x's and scales' promoted dtype."""
-        n, k = w.shape
-        y = x.new_empty(n, dtype=torch.promote_types(x.dtype, scales.dtype))
-        _int8_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, w, scales, y, n, k)
-        return y
-
-    @int8_gemv.register_fake
-    def _(x, w, scales):
-        return x.new_empty(w.size(0), dtype=torch.promote_types(x.dtype, scales.dtype))
-else:
-    int8_gemv = None
-
-
 class WeightOnlyInt8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -129,9 +81,8 @@ class WeightOnlyInt8Linear(nn.Module):
             self.weight = self.weight.to(torch.float16)
 
     def forward(self, x: Tensor) -> Tensor:
-        if int8_gemv is not None and x.is_cuda and x.numel() == x.size(-1) and self.weight.is_contiguous():
-            y = int8_gemv(x.reshape(-1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
+        if use_gemv(x, self.weight):  # one row on CUDA: model.py's Triton kernel (H100 llama-2-7b: 5.35 -> 3.61 ms)
+            return gemv(x.reshape(-1).contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
         w = self.weight.to(dtype=x.dtype)  # on GPU the cast fuses into inductor's reduction: int8 crosses the bus
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
             # one row on CPU, compiled: a fused reduction over the stored weight (F.linear would write a float copy)

@@ -130,7 +130,7 @@ def bench_one(name, mode, prompt_len, new_tokens, batch_size, device, dtype, com
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             run_n(20)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
     t_compile2 = None
     if compile and warm_compile:  # warm: throw away dynamo's state, recompile from inductor's on-disk cache
         torch._dynamo.reset()

@@ -112,3 +112,28 @@ def test_decode_attention_matches_sdpa(dtype, bsz, n_head, n_kv, head_dim, seqle
     got = model_module.decode_attention(q, k, v, pos)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@cuda
+@pytest.mark.parametrize("n,k", [(37, 300), (5, 2049), (1152, 896), (4096, 11008)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_gpu_gemv_matches_float64(n, k, wdtype):
+    # model.gemv, the one-row product of decode (w2 in float models, every int8 layer), with and without bias
+    g = torch.Generator().manual_seed(n + k)
+    if wdtype == torch.int8:
+        w, s = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), (torch.rand(n, generator=g) + .5) / 512
+    else:
+        w, s = torch.randn(n, k, generator=g).to(wdtype) / 16, None
+    xdtype = torch.float32 if wdtype == torch.float32 else torch.bfloat16
+    x, bias = torch.randn(k, generator=g).to(xdtype), torch.randn(n, generator=g).to(xdtype)
+    want = x.double() @ w.double().T * (1 if s is None else s.double())
+    # float32 sums and outputs agree to float32 rounding; bfloat16 outputs are rounded to 2^-9
+    tol = 1e-5 if xdtype == torch.float32 else 1e-2
+    for b in (None, bias):
+        got = model_module.gemv(x.cuda(), w.cuda(), None if s is None else s.cuda(), None if b is None else b.cuda())
+        assert got.shape == (n,) and got.dtype == (xdtype if s is None else torch.float32)
+        assert rel_err(got.cpu(), want + (0 if b is None else b.double())) < tol

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import generate
+import model as model_module
 import quantize
 from conftest import ROOT, build_variant
 from model import Transformer
@@ -163,7 +164,7 @@ def test_int4_and_int8_compile_fullgraph():
         assert rel_err(torch.compile(m8, fullgraph=True)(x), x @ quantize.dequantize_int8(q, s).T) < 1e-5
 
 
-needs_gpu_kernel = pytest.mark.skipif(not torch.cuda.is_available() or quantize.int8_gemv is None,
+needs_gpu_kernel = pytest.mark.skipif(not torch.cuda.is_available() or model_module.gemv is None,
                                       reason="the int8 decode kernel needs a GPU and Triton")
 
 
@@ -218,7 +219,7 @@ def test_int4_gpu_kernel_matches_dequantize_reference(n, k, groupsize, padded, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,groupsize", [("int8", None), ("int4", 32)])
 def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groupsize):
-    if mode == "int8" and quantize.int8_gemv is None:
+    if mode == "int8" and model_module.gemv is None:
         pytest.skip("the int8 decode kernel needs Triton")
     hf, ckpt_dir = tiny(name)
     path = quantized(ckpt_dir, mode, groupsize)
