@@ -147,10 +147,34 @@ def model_forward(model, x, input_pos):
     return model(x, input_pos)
 
 
+def verify(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, draft_probs: torch.Tensor,
+           **sampling_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's half of a speculative round, in one function so that --compile makes it one CUDA graph with the
+    (k + 1)-token forward. x [1, k + 1]: the last accepted token and k draft tokens, draft_probs [k, Vd] the draft's
+    distributions. Rejection sampling: draft token i is kept with probability min(1, q_i / p_i); at the first
+    rejection n the token is drawn from the residual max(0, q_n - p_n), and if all k are kept from the target's next
+    distribution (a zero draft row k makes that the same formula). Returns tokens [k + 1] (the first n kept, then the
+    new draw) and n [1]; no host sync."""
+    target_probs = logits_to_probs(model(x, input_pos)[0], **sampling_kwargs)  # [k + 1, V]
+    k, vocab = draft_probs.size(0), target_probs.size(-1)
+    draft_tokens = x[0, 1:].long()
+    # the draft may have a narrower vocabulary (151936 vs 152064): its missing ids have probability 0
+    p_all = torch.nn.functional.pad(draft_probs, (0, max(0, vocab - draft_probs.size(-1)), 0, 1))[:, :vocab]
+    idx = torch.arange(k, device=x.device)
+    p, q = p_all[idx, draft_tokens], target_probs[idx, draft_tokens]
+    accept = torch.rand(k, device=x.device) < torch.clamp(q / p, max=1.0)
+    n = torch.where(accept.all(), k, torch.argmin(accept.int())).view(1)  # the first rejection, or k
+    residual = torch.clamp(target_probs[n] - p_all[n], min=0)  # [1, V]
+    last = sample_from_probs(residual / residual.sum(), sampling_kwargs.get("temperature", 1.0))
+    tokens = torch.cat([draft_tokens, draft_tokens[:1]]).to(torch.int)
+    return tokens.index_put((n,), last.view(1)), n
+
+
 def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: torch.Tensor, input_pos: int,
                        speculate_k: int, **sampling_kwargs) -> torch.Tensor:
-    """One round: the draft proposes k tokens, the target checks k + 1 positions at once, and rejection sampling keeps
-    the output distributed exactly as the target's. Batch size 1. Returns the accepted tokens [n] (1 <= n <= k + 1)."""
+    """One round: the draft proposes k tokens, the target checks k + 1 positions at once (verify), and rejection
+    sampling keeps the output distributed exactly as the target's. Batch size 1. Returns the accepted tokens [n]
+    (1 <= n <= k + 1)."""
     device = cur_token.device
     orig_pos = torch.tensor([input_pos], dtype=torch.int64, device=device)
     draft_tokens, draft_probs = [], []
@@ -164,32 +188,13 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
         tok = tok.clone()
         draft_tokens.append(tok.view(1))
         draft_probs.append(p.clone())
-    draft_tokens = torch.cat(draft_tokens)
-    draft_probs = torch.cat(draft_probs)  # [k, Vd]
-
-    x = torch.cat([cur_token.view(1), draft_tokens]).view(1, -1)
-    target_logits = model_forward(model, x, torch.arange(input_pos, input_pos + speculate_k + 1, device=device))
-    target_probs = logits_to_probs(target_logits[0], **sampling_kwargs)  # [k + 1, V]
-
-    # the draft may have a narrower vocabulary (151936 vs 152064): its missing ids have probability 0
-    vocab = target_probs.size(-1)
-    if draft_probs.size(-1) < vocab:
-        draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.size(-1)))
-    draft_probs = draft_probs[:, :vocab]
-
-    idx = torch.arange(speculate_k, device=device)
-    p = draft_probs[idx, draft_tokens.long()]
-    q = target_probs[idx, draft_tokens.long()]
-    accept = torch.rand(speculate_k, device=device) < torch.clamp(q / p, max=1.0)
-    rejected = (~accept).nonzero()  # the one host sync of a round
-    if rejected.numel() == 0:  # all accepted: one more token from the target, and catch the draft up
-        last = sample_from_probs(target_probs[-1:], sampling_kwargs.get("temperature", 1.0))[0]
-        decode_one_token(draft_model, draft_tokens[-1].view(1, 1), orig_pos + speculate_k, True, **sampling_kwargs)
-        return torch.cat([draft_tokens, last])
-    n = rejected[0, 0].item()
-    residual = torch.clamp(target_probs[n] - draft_probs[n], min=0)
-    residual = residual / residual.sum()
-    return torch.cat([draft_tokens[:n], sample_from_probs(residual[None], sampling_kwargs.get("temperature", 1.0))[0]])
+    x = torch.cat([cur_token.view(1)] + draft_tokens).view(1, -1)
+    tokens, n = verify(model, x, torch.arange(input_pos, input_pos + speculate_k + 1, device=device),
+                       torch.cat(draft_probs), **sampling_kwargs)
+    n = n.item()  # the one host sync of a round
+    if n == speculate_k:  # all accepted: catch the draft up on its last proposal
+        decode_one_token(draft_model, x[:, -1:], orig_pos + speculate_k, True, **sampling_kwargs)
+    return tokens[: n + 1].clone()  # a CUDA graph's output is overwritten by its next replay
 
 
 @torch.no_grad()
@@ -412,10 +417,10 @@ def main(args) -> None:
         if draft_model is not None:
             draft_model.setup_caches(max_batch_size=args.batch_size, max_seq_length=max_seq)
 
-    global decode_one_token, prefill, model_forward
+    global decode_one_token, prefill, verify
     if args.compile:
         if draft_model is not None:
-            model_forward = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
+            verify = torch.compile(verify, mode="reduce-overhead", fullgraph=True)
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
         if args.compile_prefill:
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True)

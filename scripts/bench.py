@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as G  # noqa: E402
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
-EAGER_DECODE, EAGER_PREFILL, EAGER_FORWARD = G.decode_one_token, G.prefill, G.model_forward
+EAGER_DECODE, EAGER_PREFILL, EAGER_VERIFY = G.decode_one_token, G.prefill, G.verify
 SAMPLING = dict(temperature=0.8, top_k=200)  # generate.py's defaults
 
 
@@ -181,20 +181,23 @@ def all_reduce_us(device, dim: int, one_shot: bool = False, n: int = 200) -> flo
 
 @torch.no_grad()
 def step_ms(model, device, k, n=50, with_probs=False):
-    """Steady ms of one compiled decode step and of one (k + 1)-token verify step, at position 16. with_probs: the
-    decode step also returns the token's distribution, as a speculative draft's does."""
+    """Steady ms of one compiled decode step and of one verify step (a (k + 1)-token forward and the acceptance
+    arithmetic, generate.verify), at position 16. with_probs: the decode step also returns the token's distribution,
+    as a speculative draft's does."""
     decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
-    verify = torch.compile(EAGER_FORWARD, mode="reduce-overhead", fullgraph=True)
+    verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
     x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
+    vocab = model.config.vocab_size
+    draft_probs = torch.full((k, vocab), 1 / vocab, device=device)
     out = []
-    for fn, args, kwargs in ((decode, (model, x1, pos1, with_probs), SAMPLING), (verify, (model, xk, posk), {})):
+    for fn, args in ((decode, (model, x1, pos1, with_probs)), (verify, (model, xk, posk, draft_probs))):
         for _ in range(3):
-            fn(*args, **kwargs)
+            fn(*args, **SAMPLING)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            fn(*args, **kwargs)
+            fn(*args, **SAMPLING)
         sync(device)
         out.append((time.perf_counter() - t0) / n * 1e3)
     return out
@@ -223,7 +226,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
 
     torch._dynamo.reset()
     G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
-    G.model_forward = torch.compile(EAGER_FORWARD, mode="reduce-overhead", fullgraph=True)
+    G.verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
     G.prefill = EAGER_PREFILL
     with torch.device(device):
         for m in (target, dmodel):
@@ -245,7 +248,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     per_round = tokens / max(1, sum(counts))
     row.update(e2e_ms_per_token=ms_tok, e2e_tokens_per_round=per_round,
                e2e_predicted_ms_per_token=(k * t_draft + t_verify) / per_round, e2e_speedup=t_plain / ms_tok)
-    G.decode_one_token, G.model_forward = EAGER_DECODE, EAGER_FORWARD
+    G.decode_one_token, G.verify = EAGER_DECODE, EAGER_VERIFY
     return row
 
 

@@ -89,11 +89,15 @@ def test_compiled_decode_follows_a_change_of_batch_size(qwen2, monkeypatch):
         assert y.tolist() == eager.tolist() * batch_size
 
 
-def test_speculative_greedy_is_exact(qwen2, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_speculative_greedy_is_exact(qwen2, tmp_path, monkeypatch, compiled):
     _, ckpt = qwen2
     target = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
     prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int)
     plain, _ = greedy(target, prompt, 30)
+    if compiled:  # as generate.py --compile runs it: draft steps and the verify (forward + acceptance) compiled
+        monkeypatch.setattr(G, "decode_one_token", torch.compile(G.decode_one_token, fullgraph=True))
+        monkeypatch.setattr(G, "verify", torch.compile(G.verify, fullgraph=True))
     # a different random model as draft: most proposals are rejected, which exercises the residual path
     _, other = build_variant("qwen2_tied", tmp_path)
     for draft_path, k in ((other, 4), (ckpt, 3)):
@@ -161,8 +165,10 @@ def speculative_pair_counts(target, draft, prompt, n_samples, k=2):
     return counts
 
 
-@pytest.mark.parametrize("draft_vocab", [6, 5])
-def test_speculative_sampling_follows_target_distribution(draft_vocab, one_thread):
+@pytest.mark.parametrize("draft_vocab,compiled", [(6, False), (5, False), (5, True)])
+def test_speculative_sampling_follows_target_distribution(draft_vocab, compiled, one_thread, monkeypatch):
+    if compiled:  # the acceptance arithmetic compiled, its random draws made by inductor
+        monkeypatch.setattr(G, "verify", torch.compile(G.verify, fullgraph=True))
     target, draft = tiny_pair(draft_vocab)
     prompt = torch.tensor([1, 4, 2], dtype=torch.int)
     probs = exact_pair_distribution(target, prompt)
