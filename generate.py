@@ -155,13 +155,16 @@ def verify(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, draft_p
     rejection n the token is drawn from the residual max(0, q_n - p_n), and if all k are kept from the target's next
     distribution (a zero draft row k makes that the same formula). Returns tokens [k + 1] (the first n kept, then the
     new draw) and n [1]; no host sync."""
-    target_probs = logits_to_probs(model(x, input_pos)[0], **sampling_kwargs)  # [k + 1, V]
-    k, vocab = draft_probs.size(0), target_probs.size(-1)
+    vocab = model.config.vocab_size
+    # a draft id the target lacks is always rejected, so the target's outputs after it are never read
+    target_probs = logits_to_probs(model(x.clamp(max=vocab - 1), input_pos)[0], **sampling_kwargs)  # [k + 1, V]
+    k = draft_probs.size(0)
     draft_tokens = x[0, 1:].long()
-    # the draft may have a narrower vocabulary (151936 vs 152064): its missing ids have probability 0
+    # vocabularies may differ in width (151936 vs 152064): ids one model lacks have probability 0 there
     p_all = torch.nn.functional.pad(draft_probs, (0, max(0, vocab - draft_probs.size(-1)), 0, 1))[:, :vocab]
-    idx = torch.arange(k, device=x.device)
-    p, q = p_all[idx, draft_tokens], target_probs[idx, draft_tokens]
+    idx, inside = torch.arange(k, device=x.device), draft_tokens < vocab
+    p = draft_probs[idx, draft_tokens]
+    q = torch.where(inside, target_probs[idx, draft_tokens.clamp(max=vocab - 1)], 0.0)  # outside: always rejected
     accept = torch.rand(k, device=x.device) < torch.clamp(q / p, max=1.0)
     n = torch.where(accept.all(), k, torch.argmin(accept.int())).view(1)  # the first rejection, or k
     residual = torch.clamp(target_probs[n] - p_all[n], min=0)  # [1, V]

@@ -165,7 +165,7 @@ def speculative_pair_counts(target, draft, prompt, n_samples, k=2):
     return counts
 
 
-@pytest.mark.parametrize("draft_vocab,compiled", [(6, False), (5, False), (5, True)])
+@pytest.mark.parametrize("draft_vocab,compiled", [(6, False), (5, False), (5, True), (7, True)])
 def test_speculative_sampling_follows_target_distribution(draft_vocab, compiled, one_thread, monkeypatch):
     if compiled:  # the acceptance arithmetic compiled, its random draws made by inductor
         monkeypatch.setattr(G, "verify", torch.compile(G.verify, fullgraph=True))
