@@ -72,9 +72,17 @@ def sample_from_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
-    """logits [B, S, V] -> next token [B, 1] from the last position, and its distribution [B, V]."""
-    probs = logits_to_probs(logits[:, -1], temperature, top_k)
-    return sample_from_probs(probs, temperature), probs
+    """logits [B, S, V] -> next token [B, 1] from the last position, and its distribution [B, V] (logits_to_probs').
+    As in sample_token, the token is drawn over the k kept values alone; the distribution is the same values scattered
+    into the vocabulary, not a second draw over all of it."""
+    logits = logits[:, -1]
+    if temperature == 0 or top_k is None or top_k >= logits.size(-1):
+        probs = logits_to_probs(logits, temperature, top_k)
+        return sample_from_probs(probs, temperature), probs
+    v, ids = top_k_logits(logits, temperature, top_k)
+    p = torch.nn.functional.softmax(v, dim=-1)
+    token = torch.gather(ids, -1, multinomial_sample_one_no_sync(p).long()).to(dtype=torch.int)
+    return token, torch.zeros_like(logits).scatter_(-1, ids, p)
 
 
 # ---------------------------------------------------------------------------------------------------- model steps

@@ -63,6 +63,20 @@ def test_sample_token_draws_from_logits_to_probs(top_k):
     assert torch.equal(G.sample_token(logits, 0, top_k), logits.argmax(-1, keepdim=True).int())
 
 
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_draft_sample_draws_from_the_distribution_it_returns(top_k):
+    # sample (a speculative draft's step) returns logits_to_probs' distribution and draws its token from it
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 12) * 2
+    want = G.logits_to_probs(logits[:, -1], 0.7, top_k)[0].double()
+    n = 40000
+    for f in (G.sample, torch.compile(G.sample, fullgraph=True)):
+        draws, probs = f(logits.expand(n, 1, 12), 0.7, top_k)
+        assert draws.shape == (n, 1) and draws.dtype == torch.int and torch.allclose(probs[0].double(), want)
+        freq = torch.bincount(draws[:, 0].long(), minlength=12).double() / n
+        assert ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-9).all()
+
+
 def test_compiled_decode_matches_eager(qwen2, monkeypatch):
     _, ckpt = qwen2
     model = G.load_model(ckpt / "model.pth", "cpu", torch.float32)
