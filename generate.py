@@ -203,9 +203,12 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
     tokens, n = verify(model, x, torch.arange(input_pos, input_pos + speculate_k + 1, device=device),
                        torch.cat(draft_probs), **sampling_kwargs)
     n = n.item()  # the one host sync of a round
+    # copied before any other compiled call: CUDA graphs share one memory pool, so the draft's next replay may
+    # overwrite verify's outputs
+    accepted = tokens[: n + 1].clone()
     if n == speculate_k:  # all accepted: catch the draft up on its last proposal
-        decode_one_token(draft_model, x[:, -1:], orig_pos + speculate_k, True, **sampling_kwargs)
-    return tokens[: n + 1].clone()  # a CUDA graph's output is overwritten by its next replay
+        decode_one_token(draft_model, draft_tokens[-1].view(1, 1), orig_pos + speculate_k, True, **sampling_kwargs)
+    return accepted
 
 
 @torch.no_grad()

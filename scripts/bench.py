@@ -180,18 +180,19 @@ def all_reduce_us(device, dim: int, one_shot: bool = False, n: int = 200) -> flo
 
 
 @torch.no_grad()
-def step_ms(model, device, k, n=50, with_probs=False):
+def step_ms(model, device, k, n=50, with_probs=False, with_verify=True):
     """Steady ms of one compiled decode step and of one verify step (a (k + 1)-token forward and the acceptance
-    arithmetic, generate.verify), at position 16. with_probs: the decode step also returns the token's distribution,
-    as a speculative draft's does."""
+    arithmetic, generate.verify; nan unless with_verify), at position 16. with_probs: the decode step also returns
+    the token's distribution, as a speculative draft's does."""
     decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
     verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
     x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
     vocab = model.config.vocab_size
     draft_probs = torch.full((k, vocab), 1 / vocab, device=device)
-    out = []
-    for fn, args in ((decode, (model, x1, pos1, with_probs)), (verify, (model, xk, posk, draft_probs))):
+    out = [float("nan")] * 2
+    steps = ((decode, (model, x1, pos1, with_probs)), (verify, (model, xk, posk, draft_probs)))
+    for i, (fn, args) in enumerate(steps[:2 if with_verify else 1]):
         for _ in range(3):
             fn(*args, **SAMPLING)
         sync(device)
@@ -199,7 +200,7 @@ def step_ms(model, device, k, n=50, with_probs=False):
         for _ in range(n):
             fn(*args, **SAMPLING)
         sync(device)
-        out.append((time.perf_counter() - t0) / n * 1e3)
+        out[i] = (time.perf_counter() - t0) / n * 1e3
     return out
 
 
@@ -217,7 +218,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     dmodel = random_model(name, draft, device, dtype, workdir) if draft in ("int8", "int4-g32", "int4-g128") \
         else random_model(draft, "bf16", device, dtype, workdir)
     dmodel.setup_caches(1, 64)
-    t_draft, _ = step_ms(dmodel, device, k, with_probs=True)
+    t_draft, _ = step_ms(dmodel, device, k, with_probs=True, with_verify=False)
     row = dict(model=name, draft=draft, k=k, plain_ms=t_plain, draft_ms=t_draft, verify_ms=t_verify,
                verify_over_plain=t_verify / t_plain)
     for a in acceptances:

@@ -123,6 +123,22 @@ def test_speculative_greedy_is_exact(qwen2, tmp_path, monkeypatch, compiled):
             assert sum(stats["accept_counts"][:-1]) == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_compiled_speculative_keeping_every_draft_token(qwen2, monkeypatch):
+    # CUDA graphs for the draft steps and the verify, as generate.py --compile runs them. The draft is the target, so
+    # every round keeps all k tokens and takes the draft's catch-up step, whose replay shares the graphs' memory pool
+    # with verify's outputs
+    _, ckpt = qwen2
+    target, draft = (G.load_model(ckpt / "model.pth", "cuda", torch.float32) for _ in range(2))
+    prompt = torch.tensor([5, 9, 33, 2, 71], dtype=torch.int, device="cuda")
+    plain, _ = greedy(target, prompt, 30)
+    for name in ("decode_one_token", "verify"):
+        monkeypatch.setattr(G, name, torch.compile(getattr(G, name), mode="reduce-overhead", fullgraph=True))
+    draft.setup_caches(1, prompt.numel() + 30 + 16)
+    spec, stats = greedy(target, prompt, 30, draft_model=draft, speculate_k=4)
+    assert spec.tolist() == plain.tolist() and sum(stats["accept_counts"][:-1]) == 0
+
+
 @pytest.fixture
 def one_thread():
     """Thousands of tiny forwards: one thread avoids waiting on a busy second core at every matmul."""
