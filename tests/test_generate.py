@@ -26,6 +26,15 @@ def smollm():
     return prepare("SmolLM2-135M-Instruct")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test leaves dynamo's caches empty: compiled tests here compile generate.py's functions for many models,
+    the entries pile up on the same code objects, and past 8 a later fullgraph compile (tests/test_tp.py's
+    reference run, in the same pytest process) fails with dynamo's recompile limit."""
+    yield
+    torch._dynamo.reset()
+
+
 def greedy(model, prompt, n, **kw):
     model.setup_caches(1, prompt.numel() + n + 16)
     return G.generate(model, prompt, n, temperature=0, **kw)
