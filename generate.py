@@ -34,13 +34,25 @@ def multinomial_sample_one_no_sync(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
-def top_k_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]):
-    """logits [..., V] -> (the scaled logits sampling draws from, their token ids, or None when they are all V). top_k
-    keeps exactly k tokens (a tie at the k-th value is broken by topk); unsorted, as only the set matters."""
+def top_k_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]):
+    """logits [..., V] -> (the probabilities sampling draws from, their token ids, or None when they are all V).
+    top_k keeps exactly k tokens (a tie at the k-th value is broken by topk); unsorted, as only the set matters."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        return torch.topk(logits, top_k, sorted=False)
-    return logits, None
+        v, ids = torch.topk(logits, top_k, sorted=False)
+        return torch.nn.functional.softmax(v, dim=-1), ids
+    return torch.nn.functional.softmax(logits, dim=-1), None
+
+
+def draw(p: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """A token [..., 1] from top_k_probs' (p, ids): the draw is over the kept values only."""
+    j = multinomial_sample_one_no_sync(p)
+    return j if ids is None else torch.gather(ids, -1, j.long()).to(dtype=torch.int)
+
+
+def dense(p: torch.Tensor, ids: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """top_k_probs' (p, ids) scattered into the vocabulary of logits [..., V]."""
+    return p if ids is None else torch.zeros_like(logits).scatter_(-1, ids, p)
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -49,9 +61,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optio
     if temperature == 0:
         idx = torch.argmax(logits, dim=-1)
         return torch.nn.functional.one_hot(idx, logits.size(-1)).to(logits.dtype)
-    v, ids = top_k_logits(logits, temperature, top_k)
-    p = torch.nn.functional.softmax(v, dim=-1)
-    return p if ids is None else torch.zeros_like(logits).scatter_(-1, ids, p)
+    return dense(*top_k_probs(logits, temperature, top_k), logits)
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -60,9 +70,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     token on H100, a tenth of a 0.5B model's step."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int)
-    v, ids = top_k_logits(logits, temperature, top_k)
-    j = multinomial_sample_one_no_sync(torch.nn.functional.softmax(v, dim=-1))
-    return j if ids is None else torch.gather(ids, -1, j.long()).to(dtype=torch.int)
+    return draw(*top_k_probs(logits, temperature, top_k))
 
 
 def sample_from_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,17 +80,13 @@ def sample_from_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
-    """logits [B, S, V] -> next token [B, 1] from the last position, and its distribution [B, V] (logits_to_probs').
-    As in sample_token, the token is drawn over the k kept values alone; the distribution is the same values scattered
-    into the vocabulary, not a second draw over all of it."""
+    """logits [B, S, V] -> next token [B, 1] from the last position, and its distribution [B, V] (logits_to_probs'),
+    both from one top_k_probs: the token drawn over the kept values (as sample_token draws it), not over all V."""
     logits = logits[:, -1]
-    if temperature == 0 or top_k is None or top_k >= logits.size(-1):
-        probs = logits_to_probs(logits, temperature, top_k)
-        return sample_from_probs(probs, temperature), probs
-    v, ids = top_k_logits(logits, temperature, top_k)
-    p = torch.nn.functional.softmax(v, dim=-1)
-    token = torch.gather(ids, -1, multinomial_sample_one_no_sync(p).long()).to(dtype=torch.int)
-    return token, torch.zeros_like(logits).scatter_(-1, ids, p)
+    if temperature == 0:
+        return sample_token(logits, 0), logits_to_probs(logits, 0)
+    p, ids = top_k_probs(logits, temperature, top_k)
+    return draw(p, ids), dense(p, ids, logits)
 
 
 # ---------------------------------------------------------------------------------------------------- model steps
