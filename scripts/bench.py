@@ -188,10 +188,10 @@ def step_ms(model, device, k, n=50, with_probs=False, with_verify=True):
     verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
     x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
-    vocab = model.config.vocab_size
-    draft_probs = torch.full((k, vocab), 1 / vocab, device=device)
+    # a draft's distributions as sample returns them (top-k values and ids): uniform over the first k ids
+    draft_p, draft_ids = G.top_k_probs(torch.zeros(k, model.config.vocab_size, device=device), **SAMPLING)
     out = [float("nan")] * 2
-    steps = ((decode, (model, x1, pos1, with_probs)), (verify, (model, xk, posk, draft_probs)))
+    steps = ((decode, (model, x1, pos1, with_probs)), (verify, (model, xk, posk, draft_p, draft_ids)))
     for i, (fn, args) in enumerate(steps[:2 if with_verify else 1]):
         for _ in range(3):
             fn(*args, **SAMPLING)

@@ -74,14 +74,17 @@ def test_sample_token_draws_from_logits_to_probs(top_k):
 
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_draft_sample_draws_from_the_distribution_it_returns(top_k):
-    # sample (a speculative draft's step) returns logits_to_probs' distribution and draws its token from it
+    # sample (a speculative draft's step) returns logits_to_probs' distribution (as the kept values and their ids)
+    # and draws its token from it
     torch.manual_seed(0)
     logits = torch.randn(1, 1, 12) * 2
     want = G.logits_to_probs(logits[:, -1], 0.7, top_k)[0].double()
     n = 40000
     for f in (G.sample, torch.compile(G.sample, fullgraph=True)):
-        draws, probs = f(logits.expand(n, 1, 12), 0.7, top_k)
-        assert draws.shape == (n, 1) and draws.dtype == torch.int and torch.allclose(probs[0].double(), want)
+        draws, (p, ids) = f(logits.expand(n, 1, 12), 0.7, top_k)
+        assert p.size(-1) == (top_k or 12) and (ids is None) == (top_k is None)
+        assert draws.shape == (n, 1) and draws.dtype == torch.int
+        assert torch.allclose(G.dense(p[:1], None if ids is None else ids[:1], 12)[0].double(), want)
         freq = torch.bincount(draws[:, 0].long(), minlength=12).double() / n
         assert ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-9).all()
 
@@ -169,15 +172,15 @@ def tiny_pair(draft_vocab=None):
     return target.eval(), draft.eval()
 
 
-def exact_pair_distribution(model, prompt):
-    """P(t1, t2 | prompt) of the target, computed exactly."""
+def exact_pair_distribution(model, prompt, top_k=None):
+    """P(t1, t2 | prompt) of the target, sampled at temperature 1 with top_k, computed exactly."""
     v = model.config.vocab_size
     with torch.no_grad():
         seqs = torch.cat([prompt.repeat(v, 1), torch.arange(v).view(v, 1)], dim=1)
         model.setup_caches(v, 32)
         logits = model(seqs, torch.arange(seqs.size(1)))
-    p1 = torch.softmax(logits[0, -2].double(), -1)
-    p2 = torch.softmax(logits[:, -1].double(), -1)
+    p1 = G.logits_to_probs(logits[0, -2].double(), 1.0, top_k)
+    p2 = G.logits_to_probs(logits[:, -1].double(), 1.0, top_k)
     model.setup_caches(1, 32)
     return (p1[:, None] * p2).flatten()
 
@@ -193,25 +196,29 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(df / 2, stat / 2).item()
 
 
-def speculative_pair_counts(target, draft, prompt, n_samples, k=2):
+def speculative_pair_counts(target, draft, prompt, n_samples, k=2, top_k=None):
     v = target.config.vocab_size
     counts = torch.zeros(v * v, dtype=torch.float64)
     torch.manual_seed(123)
     for _ in range(n_samples):
-        y, _ = G.generate(target, prompt, 3, draft_model=draft, speculate_k=k, temperature=1.0, top_k=None)
+        y, _ = G.generate(target, prompt, 3, draft_model=draft, speculate_k=k, temperature=1.0, top_k=top_k)
         t1, t2 = y[0, prompt.numel()].item(), y[0, prompt.numel() + 1].item()
         counts[t1 * v + t2] += 1
     return counts
 
 
-@pytest.mark.parametrize("draft_vocab,compiled", [(6, False), (5, False), (5, True), (7, True)])
-def test_speculative_sampling_follows_target_distribution(draft_vocab, compiled, one_thread, monkeypatch):
+# top_k None: both distributions over the whole vocabulary (6 ids for the target); 3: both the kept values alone;
+# 5 and 6: one of each (the target keeps 5 of its 6 ids while a 5-id draft keeps all; a 7-id draft keeps 6 of 7)
+@pytest.mark.parametrize("draft_vocab,compiled,top_k", [(6, False, None), (5, False, None), (5, True, None),
+                                                        (7, True, None), (6, False, 3), (7, True, 3), (5, False, 5),
+                                                        (7, False, 6)])
+def test_speculative_sampling_follows_target_distribution(draft_vocab, compiled, top_k, one_thread, monkeypatch):
     if compiled:  # the acceptance arithmetic compiled, its random draws made by inductor
         monkeypatch.setattr(G, "verify", torch.compile(G.verify, fullgraph=True))
     target, draft = tiny_pair(draft_vocab)
     prompt = torch.tensor([1, 4, 2], dtype=torch.int)
-    probs = exact_pair_distribution(target, prompt)
-    counts = speculative_pair_counts(target, draft, prompt, 2000)
+    probs = exact_pair_distribution(target, prompt, top_k)
+    counts = speculative_pair_counts(target, draft, prompt, 2000, top_k=top_k)
     assert chi_square_pvalue(counts, probs) > 1e-3
 
 
