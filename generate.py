@@ -127,11 +127,11 @@ class TokenReader:
         else:
             self.pending.append((token, None))
 
-    def pop(self) -> list:
+    def pop(self) -> torch.Tensor:
         host, event = self.pending.pop(0)
         if event is not None:
             event.synchronize()
-        return host[:, 0].tolist()
+        return host
 
 
 def decode_n_tokens(model: Transformer, cur_token: torch.Tensor, input_pos: torch.Tensor, num_new_tokens: int,
@@ -149,11 +149,11 @@ def decode_n_tokens(model: Transformer, cur_token: torch.Tensor, input_pos: torc
             reader.push(cur_token)
             if len(reader.pending) > 1:
                 seen += 1
-                if on_token(reader.pop()):
+                if on_token(reader.pop()[:, 0].tolist()):
                     return new_tokens[:seen]
     while reader is not None and reader.pending:
         seen += 1
-        if on_token(reader.pop()):
+        if on_token(reader.pop()[:, 0].tolist()):
             return new_tokens[:seen]
     return new_tokens
 
@@ -192,35 +192,38 @@ def verify(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, draft_p
     return tok.view(-1).to(torch.int).index_put((n,), last.view(1)), n
 
 
-def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: torch.Tensor, input_pos: int,
-                       speculate_k: int, **sampling_kwargs) -> torch.Tensor:
-    """One round: the draft proposes k tokens, the target checks k + 1 positions at once (verify), and rejection
-    sampling keeps the output distributed exactly as the target's. Batch size 1. Returns the accepted tokens [n]
-    (1 <= n <= k + 1)."""
-    device = cur_token.device
-    orig_pos = torch.tensor([input_pos], dtype=torch.int64, device=device)
-    draft_tokens, draft_p, draft_ids = [], [], []
-    tok = cur_token.view(1, 1)
-    # the target may emit ids past a narrower draft vocabulary (padding rows); feed the draft a valid id instead:
-    # exactness only needs the draft's proposals and their probabilities, whatever the draft was fed
+def speculative_room(speculate_k: int) -> int:
+    """Cache positions speculative decoding needs past the last token kept: a round writes k + 1, and the next round
+    is already queued when the host reads that the last one ended the generation."""
+    return 2 * (speculate_k + 1)
+
+
+def speculative_decode(model: Transformer, draft_model: Transformer, last2: torch.Tensor, pos: torch.Tensor,
+                       speculate_k: int, **sampling_kwargs):
+    """One round, queued with no host sync: the draft proposes k tokens, the target checks k + 1 positions at once
+    (verify), and rejection sampling keeps the output distributed exactly as the target's. Batch size 1. last2 [2]:
+    the sequence's last two tokens, at positions pos - 1 and pos (pos [1]), on the device. The draft's first step
+    reads both: the first rewrites an entry the draft already holds, except after a round that kept all k
+    proposals, when it is the draft's last proposal, which it has not read yet; so nothing branches on n. Returns
+    the round's tokens [k + 1] (the first n + 1 are kept), n [1], and the next round's last2 and pos."""
     draft_max = draft_model.config.vocab_size - 1
+    x, x_pos = last2.view(1, 2), torch.cat([pos - 1, pos])
+    draft_tokens, draft_p, draft_ids = [], [], []
     for i in range(speculate_k):
-        tok, (p, ids) = decode_one_token(draft_model, tok.view(1, 1).clamp(max=draft_max), orig_pos + i, True,
-                                         **sampling_kwargs)
+        # the target may emit ids past a narrower draft vocabulary (padding rows); the draft is fed a valid id
+        # instead: exactness only needs the draft's proposals and their probabilities, whatever it was fed
+        tok, (p, ids) = decode_one_token(draft_model, x.clamp(max=draft_max), x_pos, True, **sampling_kwargs)
         tok = tok.clone()  # copies: the next replay of the CUDA graph overwrites its outputs
         draft_tokens.append(tok.view(1))
         draft_p.append(p.clone())
         draft_ids.append(None if ids is None else ids.clone())
-    x = torch.cat([cur_token.view(1)] + draft_tokens).view(1, -1)
-    tokens, n = verify(model, x, torch.arange(input_pos, input_pos + speculate_k + 1, device=device),
+        x, x_pos = tok.view(1, 1), pos + i + 1
+    seq = torch.cat([last2[1:]] + draft_tokens)  # the current token and the k proposals
+    tokens, n = verify(model, seq.view(1, -1), pos + torch.arange(speculate_k + 1, device=pos.device),
                        torch.cat(draft_p), None if draft_ids[0] is None else torch.cat(draft_ids), **sampling_kwargs)
-    n = n.item()  # the one host sync of a round
-    # copied before any other compiled call: CUDA graphs share one memory pool, so the draft's next replay may
-    # overwrite verify's outputs
-    accepted = tokens[: n + 1].clone()
-    if n == speculate_k:  # all accepted: catch the draft up on its last proposal
-        decode_one_token(draft_model, draft_tokens[-1].view(1, 1), orig_pos + speculate_k, True, **sampling_kwargs)
-    return accepted
+    # computed before any other compiled call: CUDA graphs share one memory pool, so the draft's next replay may
+    # overwrite verify's outputs. The token before the new one is the last proposal kept (or the current token).
+    return tokens.clone(), n.clone(), torch.cat([seq[n], tokens[n]]), pos + n + 1
 
 
 @torch.no_grad()
@@ -231,7 +234,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, b
     cached_len prompt tokens (a chat turn re-uses the history's cache); setup_caches is the caller's job."""
     device = prompt.device
     T = prompt.size(0)
-    max_new_tokens = min(max_new_tokens, model.max_seq_length - T - (speculate_k + 1 if draft_model else 0))
+    max_new_tokens = min(max_new_tokens, model.max_seq_length - T - (speculative_room(speculate_k) if draft_model
+                                                                      else 0))
     if max_new_tokens < 1:
         raise UserError(f"the prompt has {T} tokens and leaves no room in the cache of {model.max_seq_length}")
     seq = prompt.view(1, -1).repeat(batch_size, 1)
@@ -247,22 +251,24 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, b
     # speculative: batch 1; the draft fills its cache with the prompt first
     prefill(draft_model, seq[:, cached_len:].clamp(max=draft_model.config.vocab_size - 1), input_pos,
             **sampling_kwargs)
-    out = [next_token.view(1)]
-    pos, n_new = T, 1
-    while not stopped and n_new < max_new_tokens:
-        accepted = speculative_decode(model, draft_model, out[-1][-1:], pos, speculate_k, **sampling_kwargs)
-        stats["accept_counts"][len(accepted) - 1] += 1
-        accepted = accepted[: max_new_tokens - n_new]
-        if on_token is not None:
-            ids = accepted.tolist()
-            for j, t in enumerate(ids):
-                if on_token([t]):
-                    accepted, stopped = accepted[: j + 1], True
-                    break
-        out.append(accepted)
-        pos += len(accepted)
-        n_new += len(accepted)
-    return torch.cat([seq, torch.cat(out).view(1, -1)], dim=1), stats
+    last2 = torch.cat([seq[0, -1:], next_token.view(1)])
+    pos = torch.tensor([T], device=device, dtype=torch.int64)
+    out, reader = next_token.view(1).tolist(), TokenReader(device)
+    while not stopped and len(out) < max_new_tokens:
+        # queue a round, then read the one before it: the GPU works on a round while the host reads the last
+        tokens, n, last2, pos = speculative_decode(model, draft_model, last2, pos, speculate_k, **sampling_kwargs)
+        reader.push(torch.cat([n.to(tokens.dtype), tokens]))
+        if len(reader.pending) < 2:
+            continue
+        got = reader.pop().tolist()
+        stats["accept_counts"][got[0]] += 1
+        accepted = got[1: got[0] + 2][: max_new_tokens - len(out)]
+        for j, t in enumerate(accepted):
+            if on_token is not None and on_token([t]):
+                accepted, stopped = accepted[: j + 1], True
+                break
+        out += accepted
+    return torch.cat([seq, torch.tensor(out, dtype=seq.dtype, device=device).view(1, -1)], dim=1), stats
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -435,7 +441,7 @@ def main(args) -> None:
     if not args.interactive and prompt.numel() + args.max_new_tokens > block:
         raise UserError(f"the prompt ({prompt.numel()} tokens) plus --max_new_tokens {args.max_new_tokens} exceeds "
                         f"the model's context of {block} tokens: lower --max_new_tokens")
-    spec_room = args.speculate_k + 1 if draft_model else 0
+    spec_room = speculative_room(args.speculate_k) if draft_model else 0
     max_seq = min(block, args.max_seq_length) if args.interactive else \
         min(block, prompt.numel() + args.max_new_tokens + spec_room)
     with torch.device(device):
@@ -447,7 +453,8 @@ def main(args) -> None:
     if args.compile:
         if draft_model is not None:
             verify = torch.compile(verify, mode="reduce-overhead", fullgraph=True)
-        decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        # static shapes: a speculative draft's step reads one token, or two at the start of a round
+        decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
         if args.compile_prefill:
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 

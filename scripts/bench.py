@@ -226,12 +226,13 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
         row[f"speedup@{a}"] = tokens * t_plain / (k * t_draft + t_verify)
 
     torch._dynamo.reset()
-    G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
+    # static shapes: a draft step reads one token, or two at the start of a round
+    G.decode_one_token = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True, dynamic=False)
     G.verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
     G.prefill = EAGER_PREFILL
     with torch.device(device):
         for m in (target, dmodel):
-            m.setup_caches(1, prompt_len + new_tokens + k + 1)
+            m.setup_caches(1, prompt_len + new_tokens + G.speculative_room(k))
     prompt = torch.randint(0, 1000, (prompt_len,), device=device, dtype=torch.int)
 
     def run(n):

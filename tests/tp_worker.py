@@ -18,7 +18,7 @@ def run(checkpoint_path, prompt, max_new_tokens=8, batch_size=1, draft_checkpoin
     model = G.load_model(checkpoint_path, device, torch.float32, use_tp)
     draft = G.load_model(draft_checkpoint_path, device, torch.float32, use_tp) if draft_checkpoint_path else None
     prompt = torch.tensor(prompt, dtype=torch.int, device=device)
-    max_seq = prompt.numel() + max_new_tokens + (speculate_k + 1 if draft else 0)
+    max_seq = prompt.numel() + max_new_tokens + (G.speculative_room(speculate_k) if draft else 0)
     with torch.device(device):
         model.setup_caches(batch_size, max_seq)
         if draft is not None:
