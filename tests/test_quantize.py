@@ -285,6 +285,9 @@ def test_quantized_logits_close_to_float(tiny, name, mode, groupsize, bound):
     assert set(kinds.values()) == {"WeightOnlyInt8Linear" if mode == "int8" else "WeightOnlyInt4Linear"}
     layers = torch.load(str(path), mmap=True, weights_only=True)["quantization"]["layers"]
     assert {n: i["mode"] for n, i in layers.items()} == {n: "int8" if n == "output" else mode for n in layers}
+    # int8 gate and up run as one matrix (quantize.merge_gate_up), checked above against the separate float ones
+    ff = model.layers[0].feed_forward
+    assert (ff.w13 is not None and ff.w1 is None and ff.w3 is None) == (mode == "int8")
     if hf.config.tie_word_embeddings:  # the head is quantized, the embedding it was tied to is untouched
         assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
     if name.startswith("qwen2"):  # biases stay float and exact
