@@ -180,13 +180,15 @@ def all_reduce_us(device, dim: int, one_shot: bool = False, n: int = 200) -> flo
 
 
 @torch.no_grad()
-def step_ms(model, device, k, n=50, with_probs=False, with_verify=True):
-    """Steady ms of one compiled decode step and of one verify step (a (k + 1)-token forward and the acceptance
-    arithmetic, generate.verify; nan unless with_verify), at position 16. with_probs: the decode step also returns
-    the token's distribution, as a speculative draft's does."""
-    decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True)
+def step_ms(model, device, k, n=50, with_probs=False, with_verify=True, seqlen=1):
+    """Steady ms of one compiled decode step (reading seqlen tokens) and of one verify step (a (k + 1)-token forward
+    and the acceptance arithmetic, generate.verify; nan unless with_verify), at position 16. with_probs: the decode
+    step also returns the token's distribution, as a speculative draft's does (its first step of a round reads two
+    tokens)."""
+    decode = torch.compile(EAGER_DECODE, mode="reduce-overhead", fullgraph=True, dynamic=False)
     verify = torch.compile(EAGER_VERIFY, mode="reduce-overhead", fullgraph=True)
-    x1, pos1 = torch.zeros(1, 1, dtype=torch.int, device=device), torch.tensor([16], device=device)
+    x1 = torch.zeros(1, seqlen, dtype=torch.int, device=device)
+    pos1 = torch.arange(17 - seqlen, 17, device=device)
     xk, posk = torch.zeros(1, k + 1, dtype=torch.int, device=device), torch.arange(16, 17 + k, device=device)
     # a draft's distributions as sample returns them (top-k values and ids): uniform over the first k ids
     draft_p, draft_ids = G.top_k_probs(torch.zeros(k, model.config.vocab_size, device=device), **SAMPLING)
@@ -207,8 +209,8 @@ def step_ms(model, device, k, n=50, with_probs=False, with_verify=True):
 def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 0.7, 0.8, 0.9), new_tokens=200,
                       prompt_len=5):
     """Step times of the target, the draft and the verify; the speedup they predict at a per-token acceptance a:
-    a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps plus one verify. Then generate.py's own
-    speculative loop end to end (compiled as `generate.py --compile` compiles it): ms per new token and the mean
+    a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps (the first reads two tokens) plus one
+    verify. Then generate.py's own speculative loop end to end (compiled as `generate.py --compile` compiles it): ms per new token and the mean
     tokens per round at the acceptance these random weights give, against what the step times predict for it."""
     torch._dynamo.reset()
     target = random_model(name, "bf16", device, dtype, workdir)
@@ -219,11 +221,13 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
         else random_model(draft, "bf16", device, dtype, workdir)
     dmodel.setup_caches(1, 64)
     t_draft, _ = step_ms(dmodel, device, k, with_probs=True, with_verify=False)
-    row = dict(model=name, draft=draft, k=k, plain_ms=t_plain, draft_ms=t_draft, verify_ms=t_verify,
-               verify_over_plain=t_verify / t_plain)
+    t_first, _ = step_ms(dmodel, device, k, with_probs=True, with_verify=False, seqlen=2)
+    t_round = t_first + (k - 1) * t_draft + t_verify
+    row = dict(model=name, draft=draft, k=k, plain_ms=t_plain, draft_ms=t_draft, draft_first_ms=t_first,
+               verify_ms=t_verify, verify_over_plain=t_verify / t_plain)
     for a in acceptances:
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        row[f"speedup@{a}"] = tokens * t_plain / (k * t_draft + t_verify)
+        row[f"speedup@{a}"] = tokens * t_plain / t_round
 
     torch._dynamo.reset()
     # static shapes: a draft step reads one token, or two at the start of a round
@@ -249,7 +253,7 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     ms_tok = (long[0] - short[0]) / max(1, tokens) * 1e3
     per_round = tokens / max(1, sum(counts))
     row.update(e2e_ms_per_token=ms_tok, e2e_tokens_per_round=per_round,
-               e2e_predicted_ms_per_token=(k * t_draft + t_verify) / per_round, e2e_speedup=t_plain / ms_tok)
+               e2e_predicted_ms_per_token=t_round / per_round, e2e_speedup=t_plain / ms_tok)
     G.decode_one_token, G.verify = EAGER_DECODE, EAGER_VERIFY
     return row
 
