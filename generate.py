@@ -234,8 +234,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, b
     cached_len prompt tokens (a chat turn re-uses the history's cache); setup_caches is the caller's job."""
     device = prompt.device
     T = prompt.size(0)
-    max_new_tokens = min(max_new_tokens, model.max_seq_length - T - (speculative_room(speculate_k) if draft_model
-                                                                      else 0))
+    room = speculative_room(speculate_k) if draft_model else 0
+    max_new_tokens = min(max_new_tokens, model.max_seq_length - T - room)
     if max_new_tokens < 1:
         raise UserError(f"the prompt has {T} tokens and leaves no room in the cache of {model.max_seq_length}")
     seq = prompt.view(1, -1).repeat(batch_size, 1)

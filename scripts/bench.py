@@ -210,8 +210,9 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
                       prompt_len=5):
     """Step times of the target, the draft and the verify; the speedup they predict at a per-token acceptance a:
     a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps (the first reads two tokens) plus one
-    verify. Then generate.py's own speculative loop end to end (compiled as `generate.py --compile` compiles it): ms per new token and the mean
-    tokens per round at the acceptance these random weights give, against what the step times predict for it."""
+    verify. Then generate.py's own speculative loop end to end (compiled as `generate.py --compile` compiles it):
+    ms per new token and the mean tokens per round at the acceptance these random weights give, against what the
+    step times predict for it."""
     torch._dynamo.reset()
     target = random_model(name, "bf16", device, dtype, workdir)
     target.setup_caches(1, 64)
