@@ -137,3 +137,12 @@ def test_gpu_gemv_matches_float64(n, k, wdtype):
         got = model_module.gemv(x.cuda(), w.cuda(), None if s is None else s.cuda(), None if b is None else b.cuda())
         assert got.shape == (n,) and got.dtype == (xdtype if s is None else torch.float32)
         assert rel_err(got.cpu(), want + (0 if b is None else b.double())) < tol
+    # the folded-in steps of the int8 block's fused path: silu-mul of gate and up, RMSNorm, the residual add
+    xx, r = torch.randn(2 * k, generator=g).to(xdtype), torch.randn(n, generator=g)
+    nw = torch.rand(k, generator=g) + 0.5
+    v = torch.nn.functional.silu(xx[:k].double()) * xx[k:].double()
+    v = v * torch.rsqrt(v.pow(2).mean() + 1e-6) * nw.double()
+    want = (w.double() @ v) * (1 if s is None else s.double()) + bias.double() + r.double()
+    got = model_module.gemv(xx.cuda(), w.cuda(), None if s is None else s.cuda(), bias.cuda(), nw.cuda(), 1e-6,
+                            r.cuda(), True)
+    assert got.dtype == torch.float32 and rel_err(got.cpu(), want) < tol

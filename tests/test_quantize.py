@@ -240,6 +240,46 @@ def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groups
 
 # ---------------------------------------------------------------------------------------------------- small models
 
+def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
+    """model.gemv's contract in float64 torch ops, for running the fused one-row block on CPU."""
+    k, v = w.size(1), x.double()
+    if glu:
+        v = torch.nn.functional.silu(v[:k]) * v[k:]
+    if norm_weight is not None:
+        v = v * torch.rsqrt(v.pow(2).mean() + eps) * norm_weight.double()
+    y = w.double() @ v
+    y = y if scales is None else y * scales.double()
+    y = y if bias is None else y + bias.double()
+    y = y if residual is None else y + residual.double()
+    dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
+    return y.to(dtype if residual is None else torch.promote_types(dtype, residual.dtype))
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
+def test_fused_one_row_block_matches_the_plain_block(tiny, name, monkeypatch):
+    # On CUDA an int8 block runs one token as four kernel calls with the norms, silu-mul and residual adds folded in
+    # (TransformerBlock.forward_one_row). Here the kernel is replaced by its contract in float64 (gemv_float64) so
+    # that the wiring (which norm, which residual, gate before up) is checked on CPU against the plain block.
+    hf, ckpt_dir = tiny(name)
+    model = generate.load_model(quantized(ckpt_dir, "int8"), "cpu", torch.float32)
+    for m in model.modules():  # int8 again (CPU packing holds the values as float16, which the fused path skips)
+        if isinstance(m, quantize.WeightOnlyInt8Linear):
+            m.weight = m.weight.to(torch.int8)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+
+    def decode():
+        model.setup_caches(1, 16)
+        with torch.no_grad():
+            return torch.cat([model(ids[:, i:i + 1], torch.tensor([i])) for i in range(12)], dim=1)
+    plain = decode()
+    calls = []
+    monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() == x.size(-1))
+    monkeypatch.setattr(model_module, "gemv", lambda *a: calls.append(1) or gemv_float64(*a))
+    fused = decode()
+    assert len(calls) == 12 * model.config.n_layer * 4  # every block of every step took the fused path
+    assert rel_err(fused, plain) < 1e-5
+
+
 def dequantized_model(path, args):
     """The float model that the quantized checkpoint at path stands for: every layer dequantized."""
     sd = torch.load(str(path), mmap=True, weights_only=True)
