@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch._inductor.config
 
-from model import CONFIG_NAME, CheckpointError, Transformer, open_checkpoint
+from model import CONFIG_NAME, CheckpointError, Transformer, merge_gate_up, open_checkpoint
 
 torch._inductor.config.coordinate_descent_tuning = True
 torch._inductor.config.triton.unique_kernel_names = True
@@ -305,6 +305,8 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
     model = model.to(device=device, dtype=precision)
     if quantized:
         quantize.pack_for_device(model)  # int4 weights take their kernel's layout; int8 on CPU become float16
+    elif torch.device(device).type == "cuda":
+        merge_gate_up(model)  # one-row decode runs the block in four kernel calls (model.TransformerBlock.one_row)
     if torch.device(device).type == "cpu":
         lay_out_for_cpu(model)
     return model.eval()

@@ -431,7 +431,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
         self.w2 = GemvLinear(config.intermediate_size, config.dim, bias=False)  # down
-        self.w13: Optional[nn.Module] = None  # gate and up as one matrix: quantize.merge_gate_up sets it for int8
+        self.w13: Optional[nn.Module] = None  # gate and up as one matrix, set by merge_gate_up below
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
@@ -449,42 +449,70 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        if self.one_row_int8(x):
+        if self.one_row(x):
             return self.forward_one_row(x, rope, mask, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def one_row_int8(self, x: Tensor) -> bool:
-        """One row on CUDA, every product int8 (gate and up merged), no hooks (tp.py's all-reduce after wo and w2)."""
+    def one_row(self, x: Tensor) -> bool:
+        """One row on CUDA, every product an int8 or float matrix (gate and up merged), no hooks (tp.py's all-reduce
+        after wo and w2)."""
         a, f = self.attention, self.feed_forward
         return f.w13 is not None and use_gemv(x, f.w13.weight) and \
-            all(_int8_operands(m) is not None for m in (a.wqkv, a.wo, f.w13, f.w2))
+            all(_row_operands(m) is not None for m in (a.wqkv, a.wo, f.w13, f.w2))
 
     def forward_one_row(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """The block in four calls of the one-row kernel, with both RMSNorms, silu-mul and both residual adds folded
         into them: the separate add + norm and silu-mul kernels (~7 us per layer on H100) go."""
         a, f = self.attention, self.feed_forward
         row = x.reshape(-1)
-        qkv = _gemv_int8(a.wqkv, row, norm=self.attention_norm)
+        qkv = _gemv_row(a.wqkv, row, norm=self.attention_norm)
         y = a.attend(qkv.view(*x.shape[:-1], -1), rope, mask, input_pos)
-        h = _gemv_int8(a.wo, y.reshape(-1), residual=row)
-        return _gemv_int8(f.w2, _gemv_int8(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
+        h = _gemv_row(a.wo, y.reshape(-1), residual=row)
+        return _gemv_row(f.w2, _gemv_row(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
 
 
-def _int8_operands(m: nn.Module) -> Optional[tuple]:
-    """(weight, scales, bias) of an int8 linear layer (quantize.WeightOnlyInt8Linear) without hooks, else None."""
+def _row_operands(m: nn.Module) -> Optional[tuple]:
+    """(weight, scales, bias) of a linear layer whose weight is a plain [out, in] matrix, float or int8 with one
+    scale per row (quantize.WeightOnlyInt8Linear), and that has no hooks; else None (int4's packed layouts)."""
     w = getattr(m, "weight", None)
-    if isinstance(w, Tensor) and w.dtype == torch.int8 and w.dim() == 2 and w.is_contiguous() and \
-            not m._forward_hooks and not m._forward_pre_hooks:
+    if not (isinstance(w, Tensor) and w.dim() == 2 and w.is_contiguous()) or m._forward_hooks or \
+            m._forward_pre_hooks:
+        return None
+    if w.dtype == torch.int8:
         return w, m.scales, m.bias
-    return None
+    return (w, None, m.bias) if w.is_floating_point() and isinstance(m, nn.Linear) else None
 
 
-def _gemv_int8(m: nn.Module, x: Tensor, norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None,
-               glu: bool = False) -> Tensor:
-    w, scales, bias = _int8_operands(m)
+def _gemv_row(m: nn.Module, x: Tensor, norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None,
+              glu: bool = False) -> Tensor:
+    w, scales, bias = _row_operands(m)
     return gemv(x.contiguous(), w, scales, bias, None if norm is None else norm.weight,
                 0.0 if norm is None else norm.eps, residual, glu)
+
+
+def merge_gate_up(model: nn.Module) -> nn.Module:
+    """Gate and up of each feed-forward block as one matrix (FeedForward.w13, the layer w1 grown by w3's rows), where
+    both are layers of one kind holding only a weight [out, in] and maybe per-row scales (float, int8), no bias and
+    no hooks: one product per layer instead of two, and each one-row product costs ~4 us besides its reads on H100
+    (scripts/bench_notes.md). Call after tp.py's split."""
+    def rows(m: nn.Module) -> Optional[list]:
+        ts = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        w = getattr(m, "weight", None)
+        ok = isinstance(w, Tensor) and w.dim() == 2 and {n for n, _ in ts} <= {"weight", "scales"} and \
+            all(t.size(0) == w.size(0) for _, t in ts) and not m._forward_hooks and not m._forward_pre_hooks
+        return ts if ok else None
+
+    for f in [m for m in model.modules() if isinstance(m, FeedForward) and m.w13 is None]:
+        w1, w3 = f.w1, f.w3
+        if type(w1) is not type(w3) or rows(w1) is None or rows(w3) is None:
+            continue
+        for name, t in rows(w1):
+            merged = torch.cat([t, getattr(w3, name)])
+            setattr(w1, name, nn.Parameter(merged, t.requires_grad) if isinstance(t, nn.Parameter) else merged)
+        w1.out_features += w3.out_features
+        f.w13, f.w1, f.w3 = w1, None, None
+    return model
 
 
 class Transformer(nn.Module):

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import CONFIG_NAME, CheckpointError, FeedForward, ModelArgs, Transformer, gemv, open_checkpoint, use_gemv
+from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, merge_gate_up, open_checkpoint, use_gemv
 
 FORMAT = 2
 READ_FORMATS = (1, 2)
@@ -198,28 +198,13 @@ class WeightOnlyInt4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def merge_gate_up(ff: FeedForward) -> None:
-    """int8 w1 and w3 of a feed-forward block as one matrix: the one-row kernel runs once per layer instead of
-    twice, and each call costs ~4 us of ramp-up and tail besides its reads on H100 (scripts/bench_notes.md)."""
-    w1, w3 = ff.w1, ff.w3
-    if not (isinstance(w1, WeightOnlyInt8Linear) and isinstance(w3, WeightOnlyInt8Linear)) or \
-            w1.bias is not None or w3.bias is not None:
-        return
-    merged = WeightOnlyInt8Linear(w1.in_features, w1.out_features + w3.out_features, device="meta")
-    merged.weight, merged.scales = torch.cat([w1.weight, w3.weight]), torch.cat([w1.scales, w3.scales])
-    ff.w13, ff.w1, ff.w3 = merged, None, None
-
-
 def pack_for_device(model: nn.Module) -> nn.Module:
     """Call once, after the model is on its device and in its dtype (and after tp.apply_tp): packs every quantized
-    layer for that device and merges int8 gate and up projections."""
+    layer for that device and merges gate and up projections (model.merge_gate_up)."""
     for m in model.modules():
         if isinstance(m, (WeightOnlyInt4Linear, WeightOnlyInt8Linear)):
             m.pack()
-    for m in list(model.modules()):
-        if isinstance(m, FeedForward):
-            merge_gate_up(m)
-    return model
+    return merge_gate_up(model)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

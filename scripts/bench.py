@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as G  # noqa: E402
-from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
+from model import ModelArgs, Transformer, merge_gate_up, transformer_configs  # noqa: E402
 
 EAGER_DECODE, EAGER_PREFILL, EAGER_VERIFY = G.decode_one_token, G.prefill, G.verify
 SAMPLING = dict(temperature=0.8, top_k=200)  # generate.py's defaults
@@ -64,8 +64,8 @@ def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: boo
                 p.normal_(0, 0.02, generator=g)
     if args.tie_word_embeddings and not use_tp:  # under TP the head is a vocabulary shard of its own
         model.output.weight = model.tok_embeddings.weight
-    if mode == "bf16":
-        return model.eval()
+    if mode == "bf16":  # gate and up merged on CUDA, as generate.load_model does
+        return (merge_gate_up(model) if model.tok_embeddings.weight.is_cuda else model).eval()
     import quantize
     kind, _, gs = mode.partition("-g")
     folder = workdir / name

@@ -60,14 +60,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or model_module.decode_a
 
 
 @cuda
-def test_gpu_logits_match_transformers(variant):
+@pytest.mark.parametrize("bsz", [1, 2])  # one row: the block as four one-row kernel calls (forward_one_row)
+def test_gpu_logits_match_transformers(variant, bsz):
     name, hf, ckpt_dir = variant
     model = load_model(ckpt_dir / "model.pth", "cuda", torch.float32)
     torch.manual_seed(1)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 12))
+    ids = torch.randint(0, hf.config.vocab_size, (bsz, 12))
     with torch.no_grad():
         ref = hf(ids).logits
-        model.setup_caches(2, 32)
+        model.setup_caches(bsz, 32)
         x, n_prefill = ids.cuda(), 7
         out = model(x[:, :n_prefill], torch.arange(n_prefill, device="cuda"))
         steps = [model(x[:, i:i + 1], torch.tensor([i], device="cuda")) for i in range(n_prefill, ids.size(1))]

@@ -255,16 +255,16 @@ def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residu
     return y.to(dtype if residual is None else torch.promote_types(dtype, residual.dtype))
 
 
+@pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
-def test_fused_one_row_block_matches_the_plain_block(tiny, name, monkeypatch):
-    # On CUDA an int8 block runs one token as four kernel calls with the norms, silu-mul and residual adds folded in
-    # (TransformerBlock.forward_one_row). Here the kernel is replaced by its contract in float64 (gemv_float64) so
-    # that the wiring (which norm, which residual, gate before up) is checked on CPU against the plain block.
+def test_fused_one_row_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
+    # On CUDA a block of int8 or float layers runs one token as four kernel calls with the norms, silu-mul and
+    # residual adds folded in (TransformerBlock.forward_one_row), gate and up merged (model.merge_gate_up). Here the
+    # kernel is replaced by its contract in float64 (gemv_float64) so that the wiring (which norm, which residual,
+    # gate before up) is checked on CPU against the plain block; float layers are merged after the plain run.
     hf, ckpt_dir = tiny(name)
-    model = generate.load_model(quantized(ckpt_dir, "int8"), "cpu", torch.float32)
-    for m in model.modules():  # int8 again (CPU packing holds the values as float16, which the fused path skips)
-        if isinstance(m, quantize.WeightOnlyInt8Linear):
-            m.weight = m.weight.to(torch.int8)
+    model = generate.load_model(quantized(ckpt_dir, "int8") if mode == "int8" else ckpt_dir / "model.pth", "cpu",
+                                torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
 
     def decode():
@@ -272,6 +272,14 @@ def test_fused_one_row_block_matches_the_plain_block(tiny, name, monkeypatch):
         with torch.no_grad():
             return torch.cat([model(ids[:, i:i + 1], torch.tensor([i])) for i in range(12)], dim=1)
     plain = decode()
+    if mode == "float":
+        model_module.merge_gate_up(model)
+        assert model.layers[0].feed_forward.w13 is not None
+    for m in model.modules():  # the kernel's operands: int8 again (CPU packing holds the values as float16, which
+        if isinstance(m, quantize.WeightOnlyInt8Linear):  # the fused path skips), float weights [out, in] in memory
+            m.weight = m.weight.to(torch.int8)
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.contiguous()
     calls = []
     monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() == x.size(-1))
     monkeypatch.setattr(model_module, "gemv", lambda *a: calls.append(1) or gemv_float64(*a))
