@@ -15,6 +15,10 @@ from model import CONFIG_NAME, CheckpointError, Transformer, merge_gate_up, open
 torch._inductor.config.coordinate_descent_tuning = True
 torch._inductor.config.triton.unique_kernel_names = True
 torch._inductor.config.fx_graph_cache = True  # later runs reuse compiled kernels
+# Programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes and waits for
+# its results only where it reads them (model.py's one-row kernel does the same)
+if hasattr(torch._inductor.config.triton, "enable_pdl"):
+    torch._inductor.config.triton.enable_pdl = True
 
 
 class UserError(Exception):

@@ -307,6 +307,16 @@ if triton is not None:
             return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         return w.to(tl.float32)
 
+    @triton.jit
+    def _gemv_step(X, G, K, rk, w, acc, sq, NORM: tl.constexpr, GLU: tl.constexpr):
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if GLU:  # X holds gate then up (2K values): the input is silu(gate) * up
+            x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if NORM:  # RMSNorm with weight G: the sum of squares here, the scalar 1 / rms applied at the end
+            sq += x * x
+            x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
+        return acc + _as_float(w) * x[None, :], sq
+
     @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                               for n, k, w, s in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4),
                                                  (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2),
@@ -315,21 +325,24 @@ if triton is not None:
                      key=["N", "K", "SCALED", "BIAS", "NORM", "GLU"])
     @triton.jit
     def _gemv_kernel(X, W, S, B, G, R, Y, N, K, eps, SCALED: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
-                     GLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rn < N
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        sq = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        rows = rn[:, None].to(tl.int64) * K
+        rk = tl.arange(0, BLOCK_K)
+        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
+                    eviction_policy="evict_first")
+        if PDL:  # launched early (programmatic dependent launch): the first weights are read while the kernel before
+            tl.extra.cuda.gdc_wait()  # finishes; everything it wrote (x, the residual) is read after this wait
+            tl.extra.cuda.gdc_launch_dependents()
+        acc, sq = tl.zeros([BLOCK_N, BLOCK_K], tl.float32), tl.zeros([BLOCK_K], tl.float32)
+        acc, sq = _gemv_step(X, G, K, rk, w, acc, sq, NORM, GLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            at, m = rn[:, None].to(tl.int64) * K + rk[None, :], live[:, None] & (rk < K)[None, :]
-            x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-            if GLU:  # X holds gate then up (2K values): the input is silu(gate) * up
-                x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm with weight G: the sum of squares here, the scalar 1 / rms applied at the end
-                sq += x * x
-                x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
-            acc += _as_float(tl.load(W + at, mask=m, other=0, eviction_policy="evict_first")) * x[None, :]
+            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
+                        eviction_policy="evict_first")
+            acc, sq = _gemv_step(X, G, K, rk, w, acc, sq, NORM, GLU)
         y = tl.sum(acc, 1)
         if NORM:
             y *= tl.rsqrt(tl.sum(sq, 0) / K + eps)
@@ -345,6 +358,11 @@ if triton is not None:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
         return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
 
+    def _pdl(device: torch.device) -> bool:
+        """Programmatic dependent launch (Hopper and later) when inductor's kernels use it too (generate.py)."""
+        import torch._inductor.config as inductor_config
+        return getattr(inductor_config.triton, "enable_pdl", False) and torch.cuda.get_device_capability(device)[0] >= 9
+
     @torch.library.custom_op("gptfast::gemv", mutates_args=())
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
@@ -359,7 +377,7 @@ if triton is not None:
             x, w, w if scales is None else scales, w if bias is None else bias,
             w if norm_weight is None else norm_weight, w if residual is None else residual, y, n, k, eps,
             SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
-            RESIDUAL=residual is not None)
+            RESIDUAL=residual is not None, PDL=_pdl(x.device), launch_pdl=_pdl(x.device))
         return y
 
     @gemv.register_fake
