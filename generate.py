@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ torch._inductor.config.coordinate_descent_tuning = True
 torch._inductor.config.triton.unique_kernel_names = True
 torch._inductor.config.fx_graph_cache = True  # later runs reuse compiled kernels
 # Programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes and waits for
-# its results only where it reads them (model.py's one-row kernel does the same)
-if hasattr(torch._inductor.config.triton, "enable_pdl"):
+# its results only where it reads them (model.py's one-row kernel follows this switch); TORCHINDUCTOR_ENABLE_PDL=0
+# turns it off
+if hasattr(torch._inductor.config.triton, "enable_pdl") and "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
     torch._inductor.config.triton.enable_pdl = True
 
 
