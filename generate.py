@@ -408,7 +408,7 @@ def main(args) -> None:
         args.precision or ("bfloat16" if "cuda" in device else "float32")]
     rank = 0
     use_tp = False
-    if "LOCAL_RANK" in __import__("os").environ:
+    if "LOCAL_RANK" in os.environ:
         import tp
         try:
             rank = tp.maybe_init_dist(device)

@@ -4,13 +4,17 @@
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 import generate as G  # noqa: E402
 from model import ModelArgs, Transformer, merge_gate_up, transformer_configs  # noqa: E402
 
@@ -42,10 +46,12 @@ def copy_bandwidth(device, nbytes=2 << 30, iters=20) -> float:
     return 2 * nbytes / times[len(times) // 2] / 1e9
 
 
-def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: bool = False) -> Transformer:
+def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: bool = False,
+                 merge: bool = True) -> Transformer:
     """Random weights in the shape of `name`. Quantized modes go through the real files: save the float model,
     quantize it with quantize.py, load the result with generate.load_model. Under torchrun (use_tp) the model is
-    sharded while it is still on the meta device, so each GPU only ever holds its own shard."""
+    sharded while it is still on the meta device, so each GPU only ever holds its own shard. merge: bf16 gate and
+    up as one matrix on CUDA, as generate.load_model does (not for a model to be saved)."""
     args = ModelArgs.from_name(name)
     with torch.device("meta"):
         model = Transformer(args)
@@ -64,21 +70,67 @@ def random_model(name: str, mode: str, device, dtype, workdir: Path, use_tp: boo
                 p.normal_(0, 0.02, generator=g)
     if args.tie_word_embeddings and not use_tp:  # under TP the head is a vocabulary shard of its own
         model.output.weight = model.tok_embeddings.weight
-    if mode == "bf16":  # gate and up merged on CUDA, as generate.load_model does
-        return (merge_gate_up(model) if model.tok_embeddings.weight.is_cuda else model).eval()
-    import quantize
-    kind, _, gs = mode.partition("-g")
+    if mode == "bf16":
+        return (merge_gate_up(model) if merge and model.tok_embeddings.weight.is_cuda else model).eval()
+    path = random_checkpoint(name, mode, device, workdir, model)
+    del model
+    return G.load_model(path, device, dtype)
+
+
+def random_checkpoint(name: str, mode: str, device, workdir: Path, model: Optional[Transformer] = None) -> Path:
+    """The file of `name`'s random weights in `mode` under workdir: model.pth (bf16) saved from model (made here
+    when None), quantized from it with quantize.py. The weights are seeded, so a file of an earlier run holds the
+    same ones and is reused."""
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "model.pth").exists():
+        model = model if model is not None else random_model(name, "bf16", device, torch.bfloat16, workdir,
+                                                             merge=False)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, str(folder / "model.pth"))
-        args.save(folder / "model_config.json")
-    del model
+        model.config.save(folder / "model_config.json")
+    if mode == "bf16":
+        return folder / "model.pth"
+    import quantize
+    kind, _, gs = mode.partition("-g")
     path = quantize.output_path_for(folder / "model.pth", kind, int(gs) if gs else None, "int8")
-    if not path.exists():  # the weights are seeded, so a file made by an earlier run holds the same ones
+    if not path.exists():
         path = quantize.quantize_checkpoint(folder / "model.pth", kind, int(gs) if gs else None, device=device,
                                             log=lambda *a: None)
-    return G.load_model(path, device, dtype)
+    return path
+
+
+def first_token_s(ckpt: Path, tokenizer: Path, device: str, cache_dir: Path, prompt="Hello, my name is") -> float:
+    """Seconds from starting `python generate.py --compile` on ckpt (the user's command: a text prompt, 200 new
+    tokens, so a compiling warm-up sample comes first) to the first character of the first sample's new text, with
+    inductor's and Triton's caches in cache_dir: empty for a cold start, filled by an earlier call for a warm one.
+    Random weights may give ids past the tokenizer's vocabulary, which print nothing, so the first visible character
+    can come a few tokens late (milliseconds)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),
+               TRITON_CACHE_DIR=str(cache_dir / "triton"))
+    cmd = [sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(ckpt), "--tokenizer_path",
+           str(tokenizer), "--device", device, "--compile", "--prompt", prompt, "--num_samples", "1", "--ignore_eos"]
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        out, first = b"", None
+        while chunk := os.read(proc.stdout.fileno(), 4096):  # the prompt is echoed first, then the text as it comes
+            out += chunk
+            if first is None and len(out.decode(errors="replace")) > len(prompt):
+                first = time.perf_counter() - t0
+        if proc.wait() != 0 or first is None:
+            err.seek(0)
+            raise RuntimeError(f"generate.py failed (exit {proc.returncode}): {err.read().decode()[-300:]}")
+    return first
+
+
+def first_token_cold_warm(name: str, mode: str, device: str, workdir: Path, tokenizer: Path) -> tuple:
+    """first_token_s with empty compile caches, then again with the caches that run filled."""
+    torch._dynamo.reset()  # let go of this process's compiled graphs and their GPU memory first
+    if "cuda" in device:
+        torch.cuda.empty_cache()
+    ckpt = random_checkpoint(name, mode, device, workdir)
+    with tempfile.TemporaryDirectory(dir=workdir) as cache:
+        return tuple(first_token_s(ckpt, tokenizer, device, Path(cache)) for _ in range(2))
 
 
 def kv_bytes_per_token(model: Transformer, filled: float) -> float:
@@ -272,7 +324,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 20 decode steps")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inductor config overrides to compare, e.g. coordinate_descent_tuning=False")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"), help="random checkpoints for quantized modes")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"),
+                   help="random checkpoints for quantized modes and --first_token")
     p.add_argument("--speculate", nargs="*", default=[], metavar="DRAFT",
                    help="time speculative decoding instead, with these drafts: a model shape or int8 / int4-g32 "
                         "(the target's own quantized copy)")
@@ -286,6 +339,11 @@ def main():
     p.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
                    help="sdpa: decode with SDPA even where model.py's Triton decode attention applies")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--first_token", action="store_true",
+                   help="also time `generate.py --compile` from process start to its first new text, with empty "
+                        "compile caches and again with them filled (each row's checkpoint saved under --workdir)")
+    p.add_argument("--tokenizer", type=Path, default=REPO / "checkpoints/SmolLM2-135M-Instruct",
+                   help="tokenizer for --first_token (random weights: any tokenizer encodes the prompt)")
     a = p.parse_args()
     dtype = torch.bfloat16
     world_size = 1
@@ -339,18 +397,28 @@ def main():
             except Exception as e:  # keep going: one failing configuration must not lose the others
                 print(f"{name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
+            row.update(first_token_cold_s=None, first_token_warm_s=None)
+            if a.first_token:
+                try:
+                    row.update(zip(("first_token_cold_s", "first_token_warm_s"),
+                                   first_token_cold_warm(name, mode, a.device, a.workdir, a.tokenizer)))
+                except Exception as e:
+                    print(f"{name} {mode}: first token FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.json:
         a.json.write_text(json.dumps(dict(device=dev_name, torch=torch.__version__, copy_gbs=bw, rows=rows), indent=1))
     print("\n| model | mode | tp | prompt | tok/s | ms/tok | GB/tok | GB/s | % copy bw | limit tok/s | TTFT ms | "
-          "compile s (cold/warm) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "compile s (cold/warm) | first token s (cold/warm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def secs(v):
+        return "-" if v is None else f"{v:.0f}"
     for r in rows:
-        warm = f"{r['compile_warm_s']:.0f}" if r["compile_warm_s"] is not None else "-"
         print(f"| {r['model']} | {r['mode']} | {r['tp']} | {r['prompt']} | {r['tok_s']:.1f} | {r['ms_tok']:.2f} | "
               f"{r['gb_tok']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
-              f"{r['compile_s']:.0f}/{warm} |")
+              f"{secs(r['compile_s'])}/{secs(r['compile_warm_s'])} | "
+              f"{secs(r['first_token_cold_s'])}/{secs(r['first_token_warm_s'])} |")
 
 
 if __name__ == "__main__":
