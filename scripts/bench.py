@@ -117,9 +117,12 @@ def first_token_s(ckpt: Path, tokenizer: Path, device: str, cache_dir: Path, pro
             out += chunk
             if first is None and len(out.decode(errors="replace")) > len(prompt):
                 first = time.perf_counter() - t0
+        err.seek(0)
+        log = err.read().decode(errors="replace")
         if proc.wait() != 0 or first is None:
-            err.seek(0)
-            raise RuntimeError(f"generate.py failed (exit {proc.returncode}): {err.read().decode()[-300:]}")
+            raise RuntimeError(f"generate.py failed (exit {proc.returncode}): {log[-300:]}")
+    steps = [line for line in log.splitlines() if line.startswith(("Loaded the model", "Compilation time"))]
+    print(f"  generate.py: first text after {first:.1f} s ({'; '.join(steps)})", flush=True)
     return first
 
 
