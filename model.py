@@ -373,11 +373,12 @@ if triton is not None:
         added at the end."""
         n, k = w.shape
         y = x.new_empty(n, dtype=_gemv_dtype(x, scales, residual))
+        pdl = _pdl(x.device)
         _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             x, w, w if scales is None else scales, w if bias is None else bias,
             w if norm_weight is None else norm_weight, w if residual is None else residual, y, n, k, eps,
             SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
-            RESIDUAL=residual is not None, PDL=_pdl(x.device), launch_pdl=_pdl(x.device))
+            RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl)
         return y
 
     @gemv.register_fake

@@ -101,7 +101,7 @@ def random_checkpoint(name: str, mode: str, device, workdir: Path, model: Option
 
 def first_token_s(ckpt: Path, tokenizer: Path, device: str, cache_dir: Path, prompt="Hello, my name is") -> float:
     """Seconds from starting `python generate.py --compile` on ckpt (the user's command: a text prompt, 200 new
-    tokens, so a compiling warm-up sample comes first) to the first character of the first sample's new text, with
+    tokens after a compiling warm-up sample of generate.WARMUP_TOKENS) to the first character of its new text, with
     inductor's and Triton's caches in cache_dir: empty for a cold start, filled by an earlier call for a warm one.
     Random weights may give ids past the tokenizer's vocabulary, which print nothing, so the first visible character
     can come a few tokens late (milliseconds)."""
