@@ -187,6 +187,14 @@ def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).type_as(x)
 
 
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for this file's Triton kernels (Hopper and later) when inductor's kernels use it
+    too (generate.py turns it on)."""
+    import torch._inductor.config as inductor_config
+    return getattr(inductor_config.triton, "enable_pdl", False) and device.type == "cuda" and \
+        torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # Decode attention. For a few query positions per sequence (decode, speculative verify) SDPA reads the whole
 # allocated cache under a mask and costs about 11 us per layer in three kernels on an H100 (scripts/bench_notes.md);
 # this kernel reads only the keys up to the last position, every query head of a key/value head in one program
@@ -196,7 +204,10 @@ if triton is not None:
     def _attn_split_kernel(Q, K, V, Pos, Out, Part, Stat, sqb, sqh, sqs, skb, skh, skn, sob, sos, soh,
                            n_kv_heads, group, seqlen, split_len,
                            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
-                           ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                           ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched early (programmatic dependent launch, as the one-row kernel below): wait for the kernels
+            tl.extra.cuda.gdc_wait()  # before, which wrote q and the cache, then let the next one launch
+            tl.extra.cuda.gdc_launch_dependents()
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = bh // n_kv_heads, bh % n_kv_heads
         rows = tl.arange(0, BM)  # row r: query head h * group + r // seqlen at query position r % seqlen
@@ -235,7 +246,10 @@ if triton is not None:
 
     @triton.jit
     def _attn_combine_kernel(Part, Stat, Out, sob, sos, soh, n_kv_heads, group, seqlen, n_splits,
-                             BM: tl.constexpr, NS: tl.constexpr, D: tl.constexpr):
+                             BM: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh, r = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, NS)
         at = bh * n_splits + sp
@@ -274,11 +288,12 @@ if triton is not None:
             k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
             n_kv_heads, group, seqlen, split_len,
             BM=block_m, BN=block_n, D=head_dim, SCALE=head_dim ** -0.5, ONE_SPLIT=n_splits == 1,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=_pdl(q.device), launch_pdl=_pdl(q.device))
         if n_splits > 1:
             _attn_combine_kernel[(bsz * n_kv_heads, group * seqlen)](
                 part, stat, out, out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group, seqlen, n_splits,
-                BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim)
+                BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim, PDL=_pdl(q.device),
+                launch_pdl=_pdl(q.device))
         return out
 
     @decode_attention.register_fake
@@ -317,12 +332,14 @@ if triton is not None:
             x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
         return acc + _as_float(w) * x[None, :], sq
 
+    # The tile is tuned once per shape and flags and the choice kept on disk (Triton's cache): a process that starts
+    # warm does not time 13 configurations per shape again, and every process uses the same tiles.
     @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                               for n, k, w, s in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4),
                                                  (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2),
                                                  (16, 1024, 8, 3), (32, 512, 8, 3), (8, 2048, 8, 3),
                                                  (4, 2048, 4, 3), (16, 512, 4, 4)]],
-                     key=["N", "K", "SCALED", "BIAS", "NORM", "GLU"])
+                     key=["N", "K", "SCALED", "BIAS", "NORM", "GLU"], cache_results=True)
     @triton.jit
     def _gemv_kernel(X, W, S, B, G, R, Y, N, K, eps, SCALED: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
                      GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -358,11 +375,6 @@ if triton is not None:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
         return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
 
-    def _pdl(device: torch.device) -> bool:
-        """Programmatic dependent launch (Hopper and later) when inductor's kernels use it too (generate.py)."""
-        import torch._inductor.config as inductor_config
-        return getattr(inductor_config.triton, "enable_pdl", False) and torch.cuda.get_device_capability(device)[0] >= 9
-
     @torch.library.custom_op("gptfast::gemv", mutates_args=())
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
@@ -394,10 +406,10 @@ def use_gemv(x: Tensor, w: Tensor) -> bool:
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row product on CUDA is the kernel above. Used for the down-projection w2, whose input
-    (silu-mul) inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token),
-    and for q/k/v with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor, which fuses
-    the RMSNorm before them into their loads (wo through the kernel was slower; scripts/bench_notes.md)."""
+    """nn.Linear whose one-row product on CUDA is the kernel above, where a block does not run as four kernel calls
+    (TransformerBlock.one_row: under tp.py's hooks, in int4 files): the down-projection w2, whose input (silu-mul)
+    inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token), and q/k/v
+    with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor there."""
 
     def forward(self, x: Tensor) -> Tensor:
         if use_gemv(x, self.weight):
