@@ -283,17 +283,17 @@ if triton is not None:
         n_splits = triton.cdiv(cache_len, split_len)
         part = q.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
         stat = q.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
+        pdl = _pdl(q.device)
         _attn_split_kernel[(bsz * n_kv_heads, n_splits)](
             q, k, v, input_pos, out, part, stat, q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
             n_kv_heads, group, seqlen, split_len,
             BM=block_m, BN=block_n, D=head_dim, SCALE=head_dim ** -0.5, ONE_SPLIT=n_splits == 1,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=_pdl(q.device), launch_pdl=_pdl(q.device))
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl)
         if n_splits > 1:
             _attn_combine_kernel[(bsz * n_kv_heads, group * seqlen)](
                 part, stat, out, out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group, seqlen, n_splits,
-                BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim, PDL=_pdl(q.device),
-                launch_pdl=_pdl(q.device))
+                BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim, PDL=pdl, launch_pdl=pdl)
         return out
 
     @decode_attention.register_fake
