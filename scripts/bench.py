@@ -104,12 +104,13 @@ def first_token_s(ckpt: Path, tokenizer: Path, device: str, cache_dir: Path, pro
     tokens after a compiling warm-up sample of generate.WARMUP_TOKENS) to the first character of its new text, with
     inductor's and Triton's caches in cache_dir: empty for a cold start, filled by an earlier call for a warm one.
     Random weights may give ids past the tokenizer's vocabulary, which print nothing, so the first visible character
-    can come a few tokens late (milliseconds). Python's bytecode is cached in cache_dir too, as an ordinary install
-    caches it: the GPU machine's Python is set not to write it (PYTHONDONTWRITEBYTECODE, a read-only environment) and
-    compiled torch's sources at every start, ~9 s of a warm start there (scripts/bench_notes.md)."""
+    can come a few tokens late (milliseconds)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),
-               TRITON_CACHE_DIR=str(cache_dir / "triton"), PYTHONPYCACHEPREFIX=str(cache_dir / "pyc"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+               TRITON_CACHE_DIR=str(cache_dir / "triton"))
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):  # a Python that keeps no bytecode (the GPU machine's, read-only)
+        # compiles torch's sources at every start (~9 s of a warm start there): cache it with the compile caches, as
+        # an ordinary install has it
+        env["PYTHONPYCACHEPREFIX"] = str(cache_dir / "pyc")
     cmd = [sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(ckpt), "--tokenizer_path",
            str(tokenizer), "--device", device, "--compile", "--prompt", prompt, "--num_samples", "1", "--ignore_eos"]
     with tempfile.TemporaryFile() as err:
