@@ -240,11 +240,12 @@ if triton is not None:
             pn = tl.load(Pos + sn, mask=sn < seqlen, other=-1).to(tl.int32)
             own = (sn < seqlen) & (pn >= start) & (pn < start + split_len)
             kv_new = Q + b * sqb + sn[:, None] * sqs + d[None, :]
-            k = _rope(kv_new + (group * n_kv_heads + h) * sqh, own, R, sn, KN, eps, D, QK_NORM, K.dtype.element_ty)
-            v = tl.load(kv_new + ((group + 1) * n_kv_heads + h) * sqh, mask=own[:, None], other=0.0)
+            k_new = _rope(kv_new + (group * n_kv_heads + h) * sqh, own, R, sn, KN, eps, D, QK_NORM,
+                          K.dtype.element_ty)
+            v_new = tl.load(kv_new + ((group + 1) * n_kv_heads + h) * sqh, mask=own[:, None], other=0.0)
             cache = b * skb + h * skh + pn[:, None] * skn + d[None, :]
-            tl.store(K + cache, k, mask=own[:, None])
-            tl.store(V + cache, v.to(V.dtype.element_ty), mask=own[:, None])
+            tl.store(K + cache, k_new, mask=own[:, None])
+            tl.store(V + cache, v_new.to(V.dtype.element_ty), mask=own[:, None])
             tl.debug_barrier()  # this program's writes to the cache are visible to all its threads before the reads
             q = _rope(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], live, R, s, QN, eps, D,
                       QK_NORM, K.dtype.element_ty)
