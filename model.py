@@ -201,10 +201,29 @@ def _pdl(device: torch.device) -> bool:
 # (GQA without repeating K and V), the cache split along its length over the GPU's SMs, then one combine.
 if triton is not None:
     @triton.jit
-    def _attn_split_kernel(Q, K, V, Pos, Out, Part, Stat, sqb, sqh, sqs, skb, skh, skn, sob, sos, soh,
-                           n_kv_heads, group, seqlen, split_len,
+    def _rope(X, live, R, s, NW, eps, D: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr):
+        """Rows X + [0, D) (pointers [rows, D]) at positions s -> RMSNorm with weight NW (NORM) and rope as
+        apply_rotary_emb, in dtype. The rotated partner of element d (d + D/2 or d - D/2) is read from memory."""
+        d = tl.arange(0, D)
+        dp = (d + D // 2) % D
+        x = tl.load(X, mask=live[:, None], other=0.0).to(tl.float32)
+        xp = tl.load(X - d[None, :] + dp[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        if NORM:  # as RMSNorm.forward: normalised in float32, rounded to the model dtype, times the weight
+            rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+            x = ((x * rstd).to(dtype).to(tl.float32) * tl.load(NW + d).to(tl.float32)[None, :]).to(dtype)
+            xp = ((xp * rstd).to(dtype).to(tl.float32) * tl.load(NW + dp).to(tl.float32)[None, :]).to(dtype)
+            x, xp = x.to(tl.float32), xp.to(tl.float32)
+        i = (d % (D // 2))[None, :]
+        cos = tl.load(R + s[:, None] * D + i, mask=live[:, None], other=0.0)
+        sin = tl.load(R + s[:, None] * D + D // 2 + i, mask=live[:, None], other=0.0)
+        return (x * cos + tl.where(d < D // 2, -1.0, 1.0)[None, :] * xp * sin).to(dtype)
+
+    @triton.jit
+    def _attn_split_kernel(Q, K, V, Pos, Out, Part, Stat, R, QN, KN, sqb, sqh, sqs, skb, skh, skn, sob, sos, soh,
+                           n_kv_heads, group, seqlen, split_len, eps,
                            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
-                           ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                           ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+                           ROPE: tl.constexpr, QK_NORM: tl.constexpr, BS: tl.constexpr):
         if PDL:  # launched early (programmatic dependent launch, as the one-row kernel below): wait for the kernels
             tl.extra.cuda.gdc_wait()  # before, which wrote q and the cache, then let the next one launch
             tl.extra.cuda.gdc_launch_dependents()
@@ -214,9 +233,26 @@ if triton is not None:
         head, s = h * group + rows // seqlen, rows % seqlen
         live = rows < group * seqlen
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], mask=live[:, None], other=0.0)
-        pos = tl.load(Pos + s, mask=live, other=-1).to(tl.int32)  # a row sees the keys at or before its position
         start = split * split_len
+        if ROPE:  # Q is the q/k/v projection [B, S, (H + 2 Hkv) D]: rope (and q/k norms) here, new keys and values
+            # written to the cache by the split whose range holds their position, which then reads them back
+            sn = tl.arange(0, BS)
+            pn = tl.load(Pos + sn, mask=sn < seqlen, other=-1).to(tl.int32)
+            own = (sn < seqlen) & (pn >= start) & (pn < start + split_len)
+            kv_new = Q + b * sqb + sn[:, None] * sqs + d[None, :]
+            k_new = _rope(kv_new + (group * n_kv_heads + h) * sqh, own, R, sn, KN, eps, D, QK_NORM,
+                          K.dtype.element_ty)
+            v_new = tl.load(kv_new + ((group + 1) * n_kv_heads + h) * sqh, mask=own[:, None], other=0.0)
+            cache = b * skb + h * skh + pn[:, None] * skn + d[None, :]
+            tl.store(K + cache, k_new, mask=own[:, None])
+            tl.store(V + cache, v_new.to(V.dtype.element_ty), mask=own[:, None])
+            tl.debug_barrier()  # this program's writes to the cache are visible to all its threads before the reads
+            q = _rope(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], live, R, s, QN, eps, D,
+                      QK_NORM, K.dtype.element_ty)
+        else:
+            q = tl.load(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], mask=live[:, None],
+                        other=0.0)
+        pos = tl.load(Pos + s, mask=live, other=-1).to(tl.int32)  # a row sees the keys at or before its position
         end = tl.minimum(start + split_len, tl.max(pos, 0) + 1)
         m = tl.full([BM], float("-inf"), tl.float32)
         l = tl.zeros([BM], tl.float32)
@@ -268,11 +304,12 @@ if triton is not None:
 
     # An opaque custom op, not torch.library.triton_op: traced into by inductor, the decode step slowed down by about
     # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session).
-    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
-    def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        """q: [B, H, S, D], k and v: [B, Hkv, T, D] (the cache), input_pos: [S] increasing -> [B, S, H, D]."""
-        bsz, n_head, seqlen, head_dim = q.shape
-        n_kv_heads, cache_len = k.shape[1], k.shape[2]
+    def _decode_attention(q: Tensor, sq: tuple, k: Tensor, v: Tensor, input_pos: Tensor, bsz: int, n_head: int,
+                          seqlen: int, rope: Optional[Tensor] = None, q_norm: Optional[Tensor] = None,
+                          k_norm: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
+        """Launches the kernels above: q with strides sq (batch, head, position); with rope, q is the q/k/v
+        projection and the new keys and values are roped and written to the cache k, v by the kernel."""
+        n_kv_heads, cache_len, head_dim = k.shape[1], k.shape[2], k.shape[3]
         group = n_head // n_kv_heads
         out = q.new_empty(bsz, seqlen, n_head, head_dim)
         block_m, block_n = max(16, triton.next_power_of_2(group * seqlen)), 64
@@ -285,28 +322,59 @@ if triton is not None:
         stat = q.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
         pdl = _pdl(q.device)
         _attn_split_kernel[(bsz * n_kv_heads, n_splits)](
-            q, k, v, input_pos, out, part, stat, q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            n_kv_heads, group, seqlen, split_len,
+            q, k, v, input_pos, out, part, stat, q if rope is None else rope, q if q_norm is None else q_norm,
+            q if k_norm is None else k_norm, *sq, k.stride(0), k.stride(1), k.stride(2), out.stride(0),
+            out.stride(1), out.stride(2), n_kv_heads, group, seqlen, split_len, eps,
             BM=block_m, BN=block_n, D=head_dim, SCALE=head_dim ** -0.5, ONE_SPLIT=n_splits == 1,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl)
+            PRECISION="ieee" if k.dtype == torch.float32 else "tf32", PDL=pdl, ROPE=rope is not None,
+            QK_NORM=q_norm is not None, BS=triton.next_power_of_2(seqlen), launch_pdl=pdl)
         if n_splits > 1:
             _attn_combine_kernel[(bsz * n_kv_heads, group * seqlen)](
                 part, stat, out, out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group, seqlen, n_splits,
                 BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim, PDL=pdl, launch_pdl=pdl)
         return out
 
+    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+    def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """q: [B, H, S, D], k and v: [B, Hkv, T, D] (the cache), input_pos: [S] increasing -> [B, S, H, D]."""
+        bsz, n_head, seqlen, _ = q.shape
+        return _decode_attention(q, (q.stride(0), q.stride(1), q.stride(2)), k, v, input_pos, bsz, n_head, seqlen)
+
     @decode_attention.register_fake
     def _(q, k, v, input_pos):
         return q.new_empty(q.size(0), q.size(2), q.size(1), q.size(3))
+
+    # The same with rope, the q/k norms (Qwen3) and the cache write folded in: one op per layer between q/k/v and
+    # wo instead of the rope and cache-write kernels before it. The caches are written in place (inductor keeps a
+    # mutating custom op on the module's buffers, no copy: scripts/bench_notes.md).
+    @torch.library.custom_op("gptfast::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+    def decode_attention_rope(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                              n_head: int, q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
+                              eps: float = 0.0) -> Tensor:
+        """qkv: [B, S, (H + 2 Hkv) D] contiguous, rope: [S, 2, D / 2] (float32) at input_pos, k_cache and v_cache:
+        [B' >= B, Hkv, T, D] -> [B, S, H, D]; the S new keys and values are written to the caches at input_pos."""
+        bsz, seqlen, _ = qkv.shape
+        head_dim = k_cache.size(3)
+        return _decode_attention(qkv, (qkv.stride(0), head_dim, qkv.stride(1)), k_cache, v_cache, input_pos, bsz,
+                                 n_head, seqlen, rope, q_norm, k_norm, eps)
+
+    @decode_attention_rope.register_fake
+    def _(qkv, rope, k_cache, v_cache, input_pos, n_head, q_norm=None, k_norm=None, eps=0.0):
+        return qkv.new_empty(qkv.size(0), qkv.size(1), n_head, k_cache.size(3))
 else:
-    decode_attention = None
+    decode_attention = decode_attention_rope = None
 
 
 def use_decode_attention(q: Tensor, k: Tensor) -> bool:
     d = q.size(-1)
     return decode_attention is not None and q.is_cuda and q.size(2) <= 16 and k.stride(-1) == 1 and \
         q.stride(-1) == 1 and d >= 16 and d & (d - 1) == 0
+
+
+def use_decode_attention_rope(qkv: Tensor, head_dim: int) -> bool:
+    """Whether attention takes decode_attention_rope: on CUDA, up to 16 positions, a contiguous q/k/v projection."""
+    return decode_attention_rope is not None and qkv.is_cuda and qkv.size(1) <= 16 and qkv.is_contiguous() and \
+        head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 # One row times a weight on CUDA (decode). Inductor writes a one-row product as a reduction and inlines the op
@@ -509,6 +577,11 @@ class Attention(nn.Module):
         bsz, seqlen, _ = qkv.shape
         # sizes are read off the module so that tp.py can shard heads without touching this file
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        if self.kv_cache is not None and use_decode_attention_rope(qkv, self.head_dim):
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if hasattr(self, "q_norm") else ()
+            y = decode_attention_rope(qkv, rope.contiguous(), self.kv_cache.k_cache, self.kv_cache.v_cache,
+                                      input_pos, self.n_head, *norms)
+            return y.view(bsz, seqlen, q_size)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)

@@ -28,6 +28,45 @@ def test_prefill_and_cached_decode_logits_match(variant):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+def decode_attention_rope_float64(qkv, rope, k_cache, v_cache, input_pos, n_head, q_norm=None, k_norm=None,
+                                  eps=0.0):
+    """model.decode_attention_rope's contract in float64 torch ops (its kernel runs on CUDA only)."""
+    bsz, seqlen, _ = qkv.shape
+    n_kv, d = k_cache.size(1), k_cache.size(3)
+    q, k, v = (t.reshape(bsz, seqlen, -1, d) for t in qkv.double().split([n_head * d, n_kv * d, n_kv * d], -1))
+    if q_norm is not None:
+        q, k = ((t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.double()) for t, w in ((q, q_norm),
+                                                                                                   (k, k_norm)))
+    cos, sin = rope[None, :, None, 0].double(), rope[None, :, None, 1].double()
+    q, k = (torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1) for t1, t2 in (q.chunk(2, -1), k.chunk(2, -1)))
+    k_cache[:bsz, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[:bsz, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+    mask = torch.arange(k_cache.size(2)) <= input_pos[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:bsz].double(), v_cache[:bsz].double(),
+                                       attn_mask=mask, enable_gqa=n_head != n_kv)
+    return y.transpose(1, 2).to(qkv.dtype)
+
+
+def test_fused_attention_wiring_matches_transformers(variant, monkeypatch):
+    # On CUDA, up to 16 positions take decode_attention_rope (rope, q/k norms and the cache write folded into
+    # decode attention). Here its contract in float64 stands in for the kernel, so that what attention hands it
+    # (which norm weight, the rope rows, the caches, the head count) is checked on CPU against transformers.
+    name, hf, ckpt_dir = variant
+    model = load(ckpt_dir)
+    calls = []
+    monkeypatch.setattr(model_module, "use_decode_attention_rope", lambda qkv, head_dim: True)
+    monkeypatch.setattr(model_module, "decode_attention_rope",
+                        lambda *a: calls.append(1) or decode_attention_rope_float64(*a))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.setup_caches(2, 32)
+        out = model(ids[:, :7], torch.arange(7))
+        steps = [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(7, 12)]
+    assert len(calls) == 6 * model.config.n_layer
+    torch.testing.assert_close(torch.cat([out] + steps, dim=1), ref, atol=1e-4, rtol=0)
+
+
 def test_greedy_tokens_match(variant):
     name, hf, ckpt_dir = variant
     model = load(ckpt_dir)
@@ -112,6 +151,44 @@ def test_decode_attention_matches_sdpa(dtype, bsz, n_head, n_kv, head_dim, seqle
                                          enable_gqa=n_head != n_kv).transpose(1, 2)
     got = model_module.decode_attention(q, k, v, pos)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("bsz,n_head,n_kv,head_dim,seqlen,cache_len,last", [
+    (1, 32, 32, 128, 1, 208, 100), (1, 28, 4, 128, 1, 8400, 8300), (2, 14, 2, 64, 1, 1000, 0),
+    (1, 14, 2, 64, 5, 1000, 999), (1, 16, 8, 128, 5, 8192, 4097)])
+def test_decode_attention_rope_matches_the_unfused_steps(dtype, qk_norm, bsz, n_head, n_kv, head_dim, seqlen,
+                                                         cache_len, last):
+    # decode_attention_rope (q/k norms, rope and the cache write folded into decode attention) against the steps of
+    # Attention.attend done separately; the new keys may straddle two of the kernel's cache splits
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(bsz, seqlen, (n_head + 2 * n_kv) * head_dim, device="cuda", generator=g).to(dtype)
+    k_cache, v_cache = (torch.randn(bsz + 1, n_kv, cache_len, head_dim, device="cuda", generator=g).to(dtype)
+                        for _ in range(2))
+    pos = torch.arange(last - seqlen + 1, last + 1, device="cuda")
+    rope = model_module.precompute_rope(cache_len, head_dim, 10000.0).cuda()[pos]
+    norms = [torch.rand(head_dim, device="cuda", generator=g).to(dtype) + 0.5 for _ in range(2)] if qk_norm else []
+    q, k, v = qkv.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+    q = q.view(bsz, seqlen, n_head, head_dim)
+    k, v = k.view(bsz, seqlen, n_kv, head_dim), v.view(bsz, seqlen, n_kv, head_dim)
+    if qk_norm:
+        q_norm, k_norm = model_module.RMSNorm(head_dim, 1e-6).cuda(), model_module.RMSNorm(head_dim, 1e-6).cuda()
+        q_norm.weight.data, k_norm.weight.data = norms[0].clone(), norms[1].clone()
+        q, k = q_norm(q), k_norm(k)
+    q, k = model_module.apply_rotary_emb(q, rope), model_module.apply_rotary_emb(k, rope)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want[:bsz, :, pos], v_want[:bsz, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+    mask = torch.ones(cache_len, cache_len, dtype=torch.bool, device="cuda").tril()[pos]
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2).double(), k_want[:bsz].double(), v_want[:bsz].double(),
+                                         attn_mask=mask, enable_gqa=n_head != n_kv).transpose(1, 2)
+    got = model_module.decode_attention_rope(qkv, rope, k_cache, v_cache, pos, n_head, *norms,
+                                             *([1e-6] if qk_norm else []))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.equal(v_cache, v_want)  # values are copied as they are; keys may differ by one rounding
+    torch.testing.assert_close(k_cache.double(), k_want.double(), atol=tol, rtol=0)
     torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
 
 
