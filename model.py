@@ -439,10 +439,12 @@ if triton is not None:
             y += tl.load(R + rn, mask=live, other=0.0).to(tl.float32)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
 
-    # A few rows (2-4: the speculative draft's two-token step, batches of 2-4): each weight tile is read once for all
-    # rows; the rows are padded to BLOCK_M (a power of two) and each product is a float32 multiply-add, as above, per
-    # row. The tile is chosen so that the accumulator holds 16-64 floats per thread. At 5-8 rows the multiply-adds
-    # bound it (1.1-1.3 TB/s on H100, twice cuBLAS's time: scripts/bench_notes.md), so more rows take F.linear.
+    # Two rows (the speculative draft's two-token step, a batch of 2, a 2-token prompt): each weight tile is read once
+    # for both rows and each product is a float32 multiply-add, as above, per row; the tile is chosen so that the
+    # accumulator holds 16-64 floats per thread. The multiply-adds bound it: on H100 two rows cost 1.15-1.4x one row,
+    # about cuBLAS's time for the products alone, so the fused norms and adds make the block faster (qwen2.5-0.5b
+    # two-token step 1.06 -> 0.83 ms); four rows cost 1.5-2x cuBLAS on 7B shapes (scripts/bench_notes.md), so more
+    # than MAX_ROWS rows take F.linear. BLOCK_M pads the rows to a power of two.
     @triton.jit
     def _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM: tl.constexpr, GLU: tl.constexpr):
         live = (rm < M)[:, None] & (rk < K)[None, :]
@@ -533,7 +535,7 @@ else:
     gemv = None
 
 
-MAX_ROWS = 4
+MAX_ROWS = 2
 
 
 def use_gemv(x: Tensor, w: Tensor) -> bool:

@@ -199,7 +199,7 @@ def rel_err(a, b):
 @cuda
 @pytest.mark.parametrize("n,k", [(37, 300), (5, 2049), (1152, 896), (4096, 11008)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2])
 def test_gpu_gemv_matches_float64(n, k, wdtype, m):
     # model.gemv, the product of decode's few rows (the block's four calls, w2 and biased q/k/v elsewhere, every int8
     # layer at one row), with and without bias

@@ -259,8 +259,8 @@ def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residu
 @pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
 def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
-    # On CUDA a block of int8 or float layers runs one token (float: up to model.MAX_ROWS rows: a verify, a short
-    # prompt, a small batch) as four kernel calls with the norms, silu-mul and residual adds folded in
+    # On CUDA a block of int8 or float layers runs one token (float: up to model.MAX_ROWS rows: the draft's two-token
+    # step, a 2-token prompt, a batch of 2) as four kernel calls with the norms, silu-mul and residual adds folded in
     # (TransformerBlock.forward_few_rows), gate and up merged (model.merge_gate_up). Here the kernel is replaced by
     # its contract in float64 (gemv_float64) so that the wiring (which norm, which residual, gate before up, rows
     # kept apart) is checked on CPU against the plain block; float layers are merged after the plain run.
@@ -268,8 +268,8 @@ def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
     model = generate.load_model(quantized(ckpt_dir, "int8") if mode == "int8" else ckpt_dir / "model.pth", "cpu",
                                 torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
-    # int8: one token of one sequence per step; float: a 2-token prompt of 2 sequences (4 rows), then single tokens
-    bsz, first = (1, 1) if mode == "int8" else (2, 2)
+    # int8: one token of one sequence per step; float: a 2-token prompt (2 rows), then single tokens
+    bsz, first = (1, 1) if mode == "int8" else (1, 2)
 
     def decode():
         model.setup_caches(bsz, 16)
