@@ -312,7 +312,7 @@ def load_model(checkpoint_path, device, precision: torch.dtype, use_tp: bool = F
     if quantized:
         quantize.pack_for_device(model)  # int4 weights take their kernel's layout; int8 on CPU become float16
     elif torch.device(device).type == "cuda":
-        merge_gate_up(model)  # one-row decode runs the block in four kernel calls (model.TransformerBlock.one_row)
+        merge_gate_up(model)  # decode runs the block in four kernel calls (model.TransformerBlock.few_rows)
     if torch.device(device).type == "cpu":
         lay_out_for_cpu(model)
     return model.eval()

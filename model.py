@@ -439,6 +439,67 @@ if triton is not None:
             y += tl.load(R + rn, mask=live, other=0.0).to(tl.float32)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
 
+    # Two rows (the speculative draft's two-token step, a batch of 2, a 2-token prompt): each weight tile is read once
+    # for both rows and each product is a float32 multiply-add, as above, per row; the tile is chosen so that the
+    # accumulator holds 16-64 floats per thread. The multiply-adds bound it: on H100 two rows cost 1.15-1.4x one row,
+    # about cuBLAS's time for the products alone, so the fused norms and adds make the block faster (qwen2.5-0.5b
+    # two-token step 1.06 -> 0.83 ms); four rows cost 1.5-2x cuBLAS on 7B shapes (scripts/bench_notes.md), so more
+    # than MAX_ROWS rows take F.linear. BLOCK_M pads the rows to a power of two.
+    @triton.jit
+    def _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM: tl.constexpr, GLU: tl.constexpr):
+        live = (rm < M)[:, None] & (rk < K)[None, :]
+        xp = X + rm[:, None] * sx + rk[None, :]
+        x = tl.load(xp, mask=live, other=0.0).to(tl.float32)
+        if GLU:
+            x = x / (1.0 + tl.exp(-x)) * tl.load(xp + K, mask=live, other=0.0).to(tl.float32)
+        if NORM:
+            sq += tl.sum(x * x, 1)
+            x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        return acc + _as_float(w)[None, :, :] * x[:, None, :], sq
+
+    def _rows_configs(configs, named_args, **kwargs):
+        per_thread = [kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps)
+                      for c in configs]
+        return [c for c, r in zip(configs, per_thread) if 16 <= r <= 64]
+
+    @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=3)
+                              for n in (2, 4, 8, 16) for k in (128, 256, 512, 1024, 2048) for w in (4, 8)],
+                     key=["M", "N", "K", "SCALED", "BIAS", "NORM", "GLU"], cache_results=True,
+                     prune_configs_by=dict(early_config_prune=_rows_configs))
+    @triton.jit
+    def _rows_kernel(X, W, S, B, G, R, Y, M, N, K, sx, eps, SCALED: tl.constexpr, BIAS: tl.constexpr,
+                     NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        live = rn < N
+        rows = rn[:, None].to(tl.int64) * K
+        rk = tl.arange(0, BLOCK_K)
+        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
+                    eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc, sq = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32), tl.zeros([BLOCK_M], tl.float32)
+        acc, sq = _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM, GLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
+                        eviction_policy="evict_first")
+            acc, sq = _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM, GLU)
+        y = tl.sum(acc, 2)
+        if NORM:
+            y *= tl.rsqrt(sq / K + eps)[:, None]
+        if SCALED:
+            y *= tl.load(S + rn, mask=live, other=0.0)[None, :]
+        if BIAS:
+            y += tl.load(B + rn, mask=live, other=0.0)[None, :]
+        out = rm[:, None] * N + rn[None, :]
+        live2 = (rm < M)[:, None] & live[None, :]
+        if RESIDUAL:
+            y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
+
     def _gemv_dtype(x: Tensor, scales: Optional[Tensor], residual: Optional[Tensor] = None) -> torch.dtype:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
         return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
@@ -447,41 +508,53 @@ if triton is not None:
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
              glu: bool = False) -> Tensor:
-        """x [K] (one row), w [N, K] contiguous, float or int8 with scales [N], bias [N] -> x w^T * scales + bias
-        [N], in x's dtype promoted with the scales' (and the residual's). Folded in: glu, x [2K] is gate and up and
-        the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that weight and eps; residual [N] is
-        added at the end."""
-        n, k = w.shape
-        y = x.new_empty(n, dtype=_gemv_dtype(x, scales, residual))
+        """x [M, K] (M rows, up to MAX_ROWS), w [N, K] contiguous, float or int8 with scales [N], bias [N] -> x w^T *
+        scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's). Folded in: glu, x [M, 2K]
+        is gate and up and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that weight and
+        eps; residual [M, N] is added at the end."""
+        (m, _), (n, k) = x.shape, w.shape
+        y = x.new_empty(m, n, dtype=_gemv_dtype(x, scales, residual))
         pdl = _pdl(x.device)
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x, w, w if scales is None else scales, w if bias is None else bias,
-            w if norm_weight is None else norm_weight, w if residual is None else residual, y, n, k, eps,
-            SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
-            RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl)
+        operands = (w if scales is None else scales, w if bias is None else bias,
+                    w if norm_weight is None else norm_weight, w if residual is None else residual.contiguous(), y)
+        flags = dict(SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
+                     RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        if m == 1:
+            _gemv_kernel[grid](x, w, *operands, n, k, eps, **flags)
+        else:
+            assert m <= MAX_ROWS, f"model.gemv takes at most {MAX_ROWS} rows"
+            _rows_kernel[grid](x, w, *operands, m, n, k, x.stride(0), eps, BLOCK_M=triton.next_power_of_2(m),
+                               **flags)
         return y
 
     @gemv.register_fake
     def _(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
-        return x.new_empty(w.size(0), dtype=_gemv_dtype(x, scales, residual))
+        return x.new_empty(x.size(0), w.size(0), dtype=_gemv_dtype(x, scales, residual))
 else:
     gemv = None
 
 
+MAX_ROWS = 2
+
+
 def use_gemv(x: Tensor, w: Tensor) -> bool:
-    """Whether x times w goes to the kernel above: one row on CUDA, a contiguous 2D weight."""
-    return gemv is not None and x.is_cuda and x.numel() == x.size(-1) and w.dim() == 2 and w.is_contiguous()
+    """Whether x times w goes to the kernels above: on CUDA, a contiguous 2D weight, one row, or up to MAX_ROWS rows
+    of a float weight."""
+    rows = x.numel() // x.size(-1)
+    return gemv is not None and x.is_cuda and w.dim() == 2 and w.is_contiguous() and \
+        (rows == 1 or (rows <= MAX_ROWS and w.is_floating_point()))
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row product on CUDA is the kernel above, where a block does not run as four kernel calls
-    (TransformerBlock.one_row: under tp.py's hooks, in int4 files): the down-projection w2, whose input (silu-mul)
-    inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token), and q/k/v
-    with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor there."""
+    """nn.Linear whose product of up to MAX_ROWS rows on CUDA is model.gemv, where a block does not run as four
+    kernel calls (TransformerBlock.few_rows: under tp.py's hooks, in int4 files): the down-projection w2, whose input
+    (silu-mul) inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token),
+    and q/k/v with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor there."""
 
     def forward(self, x: Tensor) -> Tensor:
         if use_gemv(x, self.weight):
-            return gemv(x.reshape(-1).contiguous(), self.weight, None, self.bias).view(*x.shape[:-1], -1)
+            return gemv(x.reshape(-1, x.size(-1)).contiguous(), self.weight, None, self.bias).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -553,27 +626,27 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        if self.one_row(x):
-            return self.forward_one_row(x, rope, mask, input_pos)
+        if self.few_rows(x):
+            return self.forward_few_rows(x, rope, mask, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def one_row(self, x: Tensor) -> bool:
-        """One row on CUDA, every product an int8 or float matrix (gate and up merged), no hooks (tp.py's all-reduce
-        after wo and w2)."""
+    def few_rows(self, x: Tensor) -> bool:
+        """On CUDA, one row (every product an int8 or float matrix) or up to MAX_ROWS rows (float matrices), gate and
+        up merged, no hooks (tp.py's all-reduce after wo and w2)."""
         a, f = self.attention, self.feed_forward
         return f.w13 is not None and use_gemv(x, f.w13.weight) and \
-            all(_row_operands(m) is not None for m in (a.wqkv, a.wo, f.w13, f.w2))
+            all(_row_operands(m) is not None and use_gemv(x, m.weight) for m in (a.wqkv, a.wo, f.w13, f.w2))
 
-    def forward_one_row(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """The block in four calls of the one-row kernel, with both RMSNorms, silu-mul and both residual adds folded
-        into them: the separate add + norm and silu-mul kernels (~7 us per layer on H100) go."""
+    def forward_few_rows(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """The block in four calls of model.gemv, with both RMSNorms, silu-mul and both residual adds folded into
+        them: the separate add + norm and silu-mul kernels (~7 us per layer on H100) go."""
         a, f = self.attention, self.feed_forward
-        row = x.reshape(-1)
-        qkv = _gemv_row(a.wqkv, row, norm=self.attention_norm)
+        rows = x.reshape(-1, x.size(-1))
+        qkv = _gemv_rows(a.wqkv, rows, norm=self.attention_norm)
         y = a.attend(qkv.view(*x.shape[:-1], -1), rope, mask, input_pos)
-        h = _gemv_row(a.wo, y.reshape(-1), residual=row)
-        return _gemv_row(f.w2, _gemv_row(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
+        h = _gemv_rows(a.wo, y.reshape(rows.size(0), -1), residual=rows)
+        return _gemv_rows(f.w2, _gemv_rows(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
 
 
 def _row_operands(m: nn.Module) -> Optional[tuple]:
@@ -588,8 +661,8 @@ def _row_operands(m: nn.Module) -> Optional[tuple]:
     return (w, None, m.bias) if w.is_floating_point() and isinstance(m, nn.Linear) else None
 
 
-def _gemv_row(m: nn.Module, x: Tensor, norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None,
-              glu: bool = False) -> Tensor:
+def _gemv_rows(m: nn.Module, x: Tensor, norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None,
+               glu: bool = False) -> Tensor:
     w, scales, bias = _row_operands(m)
     return gemv(x.contiguous(), w, scales, bias, None if norm is None else norm.weight,
                 0.0 if norm is None else norm.eps, residual, glu)

@@ -99,7 +99,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or model_module.decode_a
 
 
 @cuda
-@pytest.mark.parametrize("bsz", [1, 2])  # one row: the block as four one-row kernel calls (forward_one_row)
+@pytest.mark.parametrize("bsz", [1, 2])  # forward_few_rows: one token per sequence (1 or 2 rows)
 def test_gpu_logits_match_transformers(variant, bsz):
     name, hf, ckpt_dir = variant
     model = load_model(ckpt_dir / "model.pth", "cuda", torch.float32)
@@ -199,28 +199,34 @@ def rel_err(a, b):
 @cuda
 @pytest.mark.parametrize("n,k", [(37, 300), (5, 2049), (1152, 896), (4096, 11008)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_gpu_gemv_matches_float64(n, k, wdtype):
-    # model.gemv, the one-row product of decode (w2 in float models, every int8 layer), with and without bias
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_gemv_matches_float64(n, k, wdtype, m):
+    # model.gemv, the product of decode's few rows (the block's four calls, w2 and biased q/k/v elsewhere, every int8
+    # layer at one row), with and without bias
+    if wdtype == torch.int8 and m > 1:
+        pytest.skip("int8 weights take one row")
     g = torch.Generator().manual_seed(n + k)
     if wdtype == torch.int8:
         w, s = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), (torch.rand(n, generator=g) + .5) / 512
     else:
         w, s = torch.randn(n, k, generator=g).to(wdtype) / 16, None
     xdtype = torch.float32 if wdtype == torch.float32 else torch.bfloat16
-    x, bias = torch.randn(k, generator=g).to(xdtype), torch.randn(n, generator=g).to(xdtype)
+    x, bias = torch.randn(m, k, generator=g).to(xdtype), torch.randn(n, generator=g).to(xdtype)
     want = x.double() @ w.double().T * (1 if s is None else s.double())
     # float32 sums and outputs agree to float32 rounding; bfloat16 outputs are rounded to 2^-9
     tol = 1e-5 if xdtype == torch.float32 else 1e-2
     for b in (None, bias):
         got = model_module.gemv(x.cuda(), w.cuda(), None if s is None else s.cuda(), None if b is None else b.cuda())
-        assert got.shape == (n,) and got.dtype == (xdtype if s is None else torch.float32)
+        assert got.shape == (m, n) and got.dtype == (xdtype if s is None else torch.float32)
         assert rel_err(got.cpu(), want + (0 if b is None else b.double())) < tol
-    # the folded-in steps of the int8 block's fused path: silu-mul of gate and up, RMSNorm, the residual add
-    xx, r = torch.randn(2 * k, generator=g).to(xdtype), torch.randn(n, generator=g)
+    # the folded-in steps of the block's four calls: silu-mul of gate and up, RMSNorm, the residual add (per row)
+    xx, r = torch.randn(m, 2 * k, generator=g).to(xdtype), torch.randn(m, n, generator=g)
     nw = torch.rand(k, generator=g) + 0.5
-    v = torch.nn.functional.silu(xx[:k].double()) * xx[k:].double()
-    v = v * torch.rsqrt(v.pow(2).mean() + 1e-6) * nw.double()
-    want = (w.double() @ v) * (1 if s is None else s.double()) + bias.double() + r.double()
+    v = torch.nn.functional.silu(xx[:, :k].double()) * xx[:, k:].double()
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    want = (v @ w.double().T) * (1 if s is None else s.double()) + bias.double() + r.double()
     got = model_module.gemv(xx.cuda(), w.cuda(), None if s is None else s.cuda(), bias.cuda(), nw.cuda(), 1e-6,
                             r.cuda(), True)
     assert got.dtype == torch.float32 and rel_err(got.cpu(), want) < tol
+    for i in range(m):  # each row on its own: a row's result does not depend on the others
+        assert rel_err(got[i].cpu(), want[i]) < tol

@@ -241,13 +241,14 @@ def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groups
 # ---------------------------------------------------------------------------------------------------- small models
 
 def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
-    """model.gemv's contract in float64 torch ops, for running the fused one-row block on CPU."""
+    """model.gemv's contract in float64 torch ops (x [M, K] or [M, 2K] with glu), for running the fused block on
+    CPU."""
     k, v = w.size(1), x.double()
     if glu:
-        v = torch.nn.functional.silu(v[:k]) * v[k:]
+        v = torch.nn.functional.silu(v[:, :k]) * v[:, k:]
     if norm_weight is not None:
-        v = v * torch.rsqrt(v.pow(2).mean() + eps) * norm_weight.double()
-    y = w.double() @ v
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = v @ w.double().T
     y = y if scales is None else y * scales.double()
     y = y if bias is None else y + bias.double()
     y = y if residual is None else y + residual.double()
@@ -257,20 +258,24 @@ def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residu
 
 @pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
-def test_fused_one_row_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
-    # On CUDA a block of int8 or float layers runs one token as four kernel calls with the norms, silu-mul and
-    # residual adds folded in (TransformerBlock.forward_one_row), gate and up merged (model.merge_gate_up). Here the
-    # kernel is replaced by its contract in float64 (gemv_float64) so that the wiring (which norm, which residual,
-    # gate before up) is checked on CPU against the plain block; float layers are merged after the plain run.
+def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
+    # On CUDA a block of int8 or float layers runs one token (float: up to model.MAX_ROWS rows: the draft's two-token
+    # step, a 2-token prompt, a batch of 2) as four kernel calls with the norms, silu-mul and residual adds folded in
+    # (TransformerBlock.forward_few_rows), gate and up merged (model.merge_gate_up). Here the kernel is replaced by
+    # its contract in float64 (gemv_float64) so that the wiring (which norm, which residual, gate before up, rows
+    # kept apart) is checked on CPU against the plain block; float layers are merged after the plain run.
     hf, ckpt_dir = tiny(name)
     model = generate.load_model(quantized(ckpt_dir, "int8") if mode == "int8" else ckpt_dir / "model.pth", "cpu",
                                 torch.float32)
-    ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    # int8: one token of one sequence per step; float: a 2-token prompt (2 rows), then single tokens
+    bsz, first = (1, 1) if mode == "int8" else (1, 2)
 
     def decode():
-        model.setup_caches(1, 16)
+        model.setup_caches(bsz, 16)
         with torch.no_grad():
-            return torch.cat([model(ids[:, i:i + 1], torch.tensor([i])) for i in range(12)], dim=1)
+            out = [model(ids[:bsz, :first], torch.arange(first))]
+            return torch.cat(out + [model(ids[:bsz, i:i + 1], torch.tensor([i])) for i in range(first, 12)], dim=1)
     plain = decode()
     if mode == "float":
         model_module.merge_gate_up(model)
@@ -281,10 +286,11 @@ def test_fused_one_row_block_matches_the_plain_block(tiny, name, mode, monkeypat
         elif isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.contiguous()
     calls = []
-    monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() == x.size(-1))
+    max_rows = 1 if mode == "int8" else model_module.MAX_ROWS
+    monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() // x.size(-1) <= max_rows)
     monkeypatch.setattr(model_module, "gemv", lambda *a: calls.append(1) or gemv_float64(*a))
     fused = decode()
-    assert len(calls) == 12 * model.config.n_layer * 4  # every block of every step took the fused path
+    assert len(calls) == (13 - first) * model.config.n_layer * 4  # every block of every step took the fused path
     assert rel_err(fused, plain) < 1e-5
 
 
