@@ -230,3 +230,50 @@ def test_gpu_gemv_matches_float64(n, k, wdtype, m):
     assert got.dtype == torch.float32 and rel_err(got.cpu(), want) < tol
     for i in range(m):  # each row on its own: a row's result does not depend on the others
         assert rel_err(got[i].cpu(), want[i]) < tol
+
+
+# The Triton kernels compiled for an H100 (sm_90) on this machine, no GPU needed: the Triton interpreter that runs
+# them on CPU does not check what the compiler refuses (a loop-carried variable changing shape cost a GPU call once).
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the jit function under triton.autotune
+    signature, consts = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name], consts[(i,)] = "constexpr", constexprs[name]
+        else:
+            signature[name] = pointers.get(name, "fp32" if name == "eps" else "i32")
+    return model_module.triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                                       options=dict(num_warps=num_warps))
+
+
+needs_triton = pytest.mark.skipif(getattr(model_module, "triton", None) is None, reason="needs Triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("rope,qk_norm,bm,bs", [(False, False, 16, 1), (True, False, 16, 1), (True, True, 32, 8)])
+def test_attention_kernels_compile_for_sm90(dtype, rope, qk_norm, bm, bs):
+    t = "*" + dtype
+    pointers = dict(Q=t, K=t, V=t, Out=t, QN=t, KN=t, Pos="*i64", Part="*fp32", Stat="*fp32", R="*fp32")
+    split = dict(BM=bm, BN=64, D=128, SCALE=128 ** -0.5, ONE_SPLIT=False, PRECISION="tf32", PDL=True, ROPE=rope,
+                 QK_NORM=qk_norm, BS=bs)
+    assert compile_for_sm90(model_module._attn_split_kernel, pointers, split).asm["ptx"]
+    combine = dict(BM=bm, NS=4, D=128, PDL=True)
+    assert compile_for_sm90(model_module._attn_combine_kernel, pointers, combine).asm["ptx"]
+
+
+@needs_triton
+@pytest.mark.parametrize("wdtype", ["bf16", "i8"])
+@pytest.mark.parametrize("fused", [False, True])  # scale, bias, RMSNorm, silu-mul and residual folded in, or none
+def test_gemv_kernels_compile_for_sm90(wdtype, fused):
+    x = "*fp32" if wdtype == "i8" else "*bf16"
+    pointers = dict(X=x, W="*" + wdtype, S="*fp32", B=x, G=x, R=x, Y=x)
+    flags = dict(SCALED=fused and wdtype == "i8", BIAS=fused, NORM=fused, GLU=fused, RESIDUAL=fused, PDL=True)
+    for kernel, extra in ((model_module._gemv_kernel, {}), (model_module._rows_kernel, dict(BLOCK_M=2))):
+        if extra and wdtype == "i8":
+            continue  # int8 weights take one row
+        for config in (kernel.configs[0], kernel.configs[-1]):  # the smallest and largest tiles
+            compiled = compile_for_sm90(kernel, pointers, dict(flags, **extra, **config.kwargs), config.num_warps)
+            assert compiled.asm["ptx"]
