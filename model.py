@@ -223,7 +223,7 @@ if triton is not None:
                            n_kv_heads, group, seqlen, split_len, eps,
                            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
                            ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                           ROPE: tl.constexpr, QK_NORM: tl.constexpr, BS: tl.constexpr):
+                           QK_NORM: tl.constexpr, BS: tl.constexpr):
         if PDL:  # launched early (programmatic dependent launch, as the one-row kernel below): wait for the kernels
             tl.extra.cuda.gdc_wait()  # before, which wrote q and the cache, then let the next one launch
             tl.extra.cuda.gdc_launch_dependents()
@@ -234,24 +234,20 @@ if triton is not None:
         live = rows < group * seqlen
         d = tl.arange(0, D)
         start = split * split_len
-        if ROPE:  # Q is the q/k/v projection [B, S, (H + 2 Hkv) D]: rope (and q/k norms) here, new keys and values
-            # written to the cache by the split whose range holds their position, which then reads them back
-            sn = tl.arange(0, BS)
-            pn = tl.load(Pos + sn, mask=sn < seqlen, other=-1).to(tl.int32)
-            own = (sn < seqlen) & (pn >= start) & (pn < start + split_len)
-            kv_new = Q + b * sqb + sn[:, None] * sqs + d[None, :]
-            k_new = _rope(kv_new + (group * n_kv_heads + h) * sqh, own, R, sn, KN, eps, D, QK_NORM,
-                          K.dtype.element_ty)
-            v_new = tl.load(kv_new + ((group + 1) * n_kv_heads + h) * sqh, mask=own[:, None], other=0.0)
-            cache = b * skb + h * skh + pn[:, None] * skn + d[None, :]
-            tl.store(K + cache, k_new, mask=own[:, None])
-            tl.store(V + cache, v_new.to(V.dtype.element_ty), mask=own[:, None])
-            tl.debug_barrier()  # this program's writes to the cache are visible to all its threads before the reads
-            q = _rope(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], live, R, s, QN, eps, D,
-                      QK_NORM, K.dtype.element_ty)
-        else:
-            q = tl.load(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], mask=live[:, None],
-                        other=0.0)
+        # Q is the q/k/v projection [B, S, (H + 2 Hkv) D]: rope (and q/k norms) here; the new keys and values are
+        # written to the cache by the split whose range holds their position, which then reads them back
+        sn = tl.arange(0, BS)
+        pn = tl.load(Pos + sn, mask=sn < seqlen, other=-1).to(tl.int32)
+        own = (sn < seqlen) & (pn >= start) & (pn < start + split_len)
+        kv_new = Q + b * sqb + sn[:, None] * sqs + d[None, :]
+        k_new = _rope(kv_new + (group * n_kv_heads + h) * sqh, own, R, sn, KN, eps, D, QK_NORM, K.dtype.element_ty)
+        v_new = tl.load(kv_new + ((group + 1) * n_kv_heads + h) * sqh, mask=own[:, None], other=0.0)
+        cache = b * skb + h * skh + pn[:, None] * skn + d[None, :]
+        tl.store(K + cache, k_new, mask=own[:, None])
+        tl.store(V + cache, v_new.to(V.dtype.element_ty), mask=own[:, None])
+        tl.debug_barrier()  # this program's writes to the cache are visible to all its threads before the reads
+        q = _rope(Q + b * sqb + head[:, None] * sqh + s[:, None] * sqs + d[None, :], live, R, s, QN, eps, D, QK_NORM,
+                  K.dtype.element_ty)
         pos = tl.load(Pos + s, mask=live, other=-1).to(tl.int32)  # a row sees the keys at or before its position
         end = tl.minimum(start + split_len, tl.max(pos, 0) + 1)
         m = tl.full([BM], float("-inf"), tl.float32)
@@ -303,72 +299,48 @@ if triton is not None:
         return torch.cuda.get_device_properties(device).multi_processor_count
 
     # An opaque custom op, not torch.library.triton_op: traced into by inductor, the decode step slowed down by about
-    # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session).
-    def _decode_attention(q: Tensor, sq: tuple, k: Tensor, v: Tensor, input_pos: Tensor, bsz: int, n_head: int,
-                          seqlen: int, rope: Optional[Tensor] = None, q_norm: Optional[Tensor] = None,
-                          k_norm: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
-        """Launches the kernels above: q with strides sq (batch, head, position); with rope, q is the q/k/v
-        projection and the new keys and values are roped and written to the cache k, v by the kernel."""
-        n_kv_heads, cache_len, head_dim = k.shape[1], k.shape[2], k.shape[3]
+    # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session). It mutates the caches in
+    # place (inductor keeps a mutating custom op on the module's buffers, no copy: scripts/bench_notes.md): rope, the
+    # q/k norms (Qwen3) and the cache write are one op per layer between q/k/v and wo.
+    @torch.library.custom_op("gptfast::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+    def decode_attention_rope(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                              n_head: int, q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
+                              eps: float = 0.0) -> Tensor:
+        """qkv: [B, S, (H + 2 Hkv) D] contiguous, rope: [S, 2, D / 2] (float32) at input_pos (increasing), k_cache
+        and v_cache: [B' >= B, Hkv, T, D] -> [B, S, H, D]; the S new keys and values are written to the caches at
+        input_pos."""
+        bsz, seqlen, _ = qkv.shape
+        n_kv_heads, cache_len, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         group = n_head // n_kv_heads
-        out = q.new_empty(bsz, seqlen, n_head, head_dim)
+        out = qkv.new_empty(bsz, seqlen, n_head, head_dim)
         block_m, block_n = max(16, triton.next_power_of_2(group * seqlen)), 64
         # enough programs for two per SM over the cache's length; splits past the filled length return at once
-        sms = _sm_count(q.device)
+        sms = _sm_count(qkv.device)
         n_splits = max(1, min(triton.cdiv(cache_len, 128), triton.cdiv(2 * sms, bsz * n_kv_heads)))
         split_len = triton.cdiv(triton.cdiv(cache_len, n_splits), block_n) * block_n
         n_splits = triton.cdiv(cache_len, split_len)
-        part = q.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
-        stat = q.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
-        pdl = _pdl(q.device)
+        part = qkv.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
+        stat = qkv.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
+        pdl = _pdl(qkv.device)
         _attn_split_kernel[(bsz * n_kv_heads, n_splits)](
-            q, k, v, input_pos, out, part, stat, q if rope is None else rope, q if q_norm is None else q_norm,
-            q if k_norm is None else k_norm, *sq, k.stride(0), k.stride(1), k.stride(2), out.stride(0),
-            out.stride(1), out.stride(2), n_kv_heads, group, seqlen, split_len, eps,
+            qkv, k_cache, v_cache, input_pos, out, part, stat, rope, qkv if q_norm is None else q_norm,
+            qkv if k_norm is None else k_norm, qkv.stride(0), head_dim, qkv.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group,
+            seqlen, split_len, eps,
             BM=block_m, BN=block_n, D=head_dim, SCALE=head_dim ** -0.5, ONE_SPLIT=n_splits == 1,
-            PRECISION="ieee" if k.dtype == torch.float32 else "tf32", PDL=pdl, ROPE=rope is not None,
-            QK_NORM=q_norm is not None, BS=triton.next_power_of_2(seqlen), launch_pdl=pdl)
+            PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", PDL=pdl, QK_NORM=q_norm is not None,
+            BS=triton.next_power_of_2(seqlen), launch_pdl=pdl)
         if n_splits > 1:
             _attn_combine_kernel[(bsz * n_kv_heads, group * seqlen)](
                 part, stat, out, out.stride(0), out.stride(1), out.stride(2), n_kv_heads, group, seqlen, n_splits,
                 BM=block_m, NS=triton.next_power_of_2(n_splits), D=head_dim, PDL=pdl, launch_pdl=pdl)
         return out
 
-    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
-    def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        """q: [B, H, S, D], k and v: [B, Hkv, T, D] (the cache), input_pos: [S] increasing -> [B, S, H, D]."""
-        bsz, n_head, seqlen, _ = q.shape
-        return _decode_attention(q, (q.stride(0), q.stride(1), q.stride(2)), k, v, input_pos, bsz, n_head, seqlen)
-
-    @decode_attention.register_fake
-    def _(q, k, v, input_pos):
-        return q.new_empty(q.size(0), q.size(2), q.size(1), q.size(3))
-
-    # The same with rope, the q/k norms (Qwen3) and the cache write folded in: one op per layer between q/k/v and
-    # wo instead of the rope and cache-write kernels before it. The caches are written in place (inductor keeps a
-    # mutating custom op on the module's buffers, no copy: scripts/bench_notes.md).
-    @torch.library.custom_op("gptfast::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
-    def decode_attention_rope(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
-                              n_head: int, q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
-                              eps: float = 0.0) -> Tensor:
-        """qkv: [B, S, (H + 2 Hkv) D] contiguous, rope: [S, 2, D / 2] (float32) at input_pos, k_cache and v_cache:
-        [B' >= B, Hkv, T, D] -> [B, S, H, D]; the S new keys and values are written to the caches at input_pos."""
-        bsz, seqlen, _ = qkv.shape
-        head_dim = k_cache.size(3)
-        return _decode_attention(qkv, (qkv.stride(0), head_dim, qkv.stride(1)), k_cache, v_cache, input_pos, bsz,
-                                 n_head, seqlen, rope, q_norm, k_norm, eps)
-
     @decode_attention_rope.register_fake
     def _(qkv, rope, k_cache, v_cache, input_pos, n_head, q_norm=None, k_norm=None, eps=0.0):
         return qkv.new_empty(qkv.size(0), qkv.size(1), n_head, k_cache.size(3))
 else:
-    decode_attention = decode_attention_rope = None
-
-
-def use_decode_attention(q: Tensor, k: Tensor) -> bool:
-    d = q.size(-1)
-    return decode_attention is not None and q.is_cuda and q.size(2) <= 16 and k.stride(-1) == 1 and \
-        q.stride(-1) == 1 and d >= 16 and d & (d - 1) == 0
+    decode_attention_rope = None
 
 
 def use_decode_attention_rope(qkv: Tensor, head_dim: int) -> bool:
@@ -594,11 +566,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if self.kv_cache is not None and use_decode_attention(q, k):
-            y = decode_attention(q, k, v, input_pos)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
-                                               enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                           enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         return y.contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
 
 
@@ -635,7 +604,7 @@ class TransformerBlock(nn.Module):
         """On CUDA, one row (every product an int8 or float matrix) or up to MAX_ROWS rows (float matrices), gate and
         up merged, no hooks (tp.py's all-reduce after wo and w2)."""
         a, f = self.attention, self.feed_forward
-        return f.w13 is not None and use_gemv(x, f.w13.weight) and \
+        return f.w13 is not None and \
             all(_row_operands(m) is not None and use_gemv(x, m.weight) for m in (a.wqkv, a.wo, f.w13, f.w2))
 
     def forward_few_rows(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:

@@ -365,7 +365,7 @@ def main():
             tp.quiet_other_ranks(rank)
     if a.attention == "sdpa":
         import model
-        model.use_decode_attention = lambda q, k: False
+        model.use_decode_attention_rope = lambda qkv, head_dim: False
     bw = copy_bandwidth(a.device)
     dev_name = torch.cuda.get_device_name() if "cuda" in a.device else "cpu"
     print(f"device {dev_name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s", flush=True)

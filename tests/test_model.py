@@ -94,7 +94,7 @@ def test_config_matches_hf(variant):
 
 # On a GPU the decode steps (and prompts of up to 16 tokens) take model.py's Triton decode attention instead of SDPA:
 # the same comparisons with transformers on the CPU, then the kernel alone against SDPA where the cache is long.
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or model_module.decode_attention is None,
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or model_module.decode_attention_rope is None,
                           reason="needs a CUDA GPU and Triton")
 
 
@@ -138,28 +138,11 @@ def test_gpu_compiled_greedy_tokens_match_transformers(variant):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bsz,n_head,n_kv,head_dim,seqlen,cache_len,last", [
-    (1, 32, 32, 128, 1, 208, 100), (1, 28, 4, 128, 1, 8400, 8300), (2, 14, 2, 64, 1, 1000, 0),
-    (1, 14, 2, 64, 5, 1000, 999), (2, 32, 8, 128, 5, 4096, 3000), (1, 9, 3, 64, 16, 8192, 70)])
-def test_decode_attention_matches_sdpa(dtype, bsz, n_head, n_kv, head_dim, seqlen, cache_len, last):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(bsz, seqlen, n_head, head_dim, device="cuda", generator=g).to(dtype).transpose(1, 2)
-    k, v = (torch.randn(bsz, n_kv, cache_len, head_dim, device="cuda", generator=g).to(dtype) for _ in range(2))
-    pos = torch.arange(last - seqlen + 1, last + 1, device="cuda")
-    mask = torch.ones(cache_len, cache_len, dtype=torch.bool, device="cuda").tril()[pos]
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
-                                         enable_gqa=n_head != n_kv).transpose(1, 2)
-    got = model_module.decode_attention(q, k, v, pos)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("bsz,n_head,n_kv,head_dim,seqlen,cache_len,last", [
     (1, 32, 32, 128, 1, 208, 100), (1, 28, 4, 128, 1, 8400, 8300), (2, 14, 2, 64, 1, 1000, 0),
-    (1, 14, 2, 64, 5, 1000, 999), (1, 16, 8, 128, 5, 8192, 4097)])
+    (1, 14, 2, 64, 5, 1000, 999), (1, 16, 8, 128, 5, 8192, 4097), (2, 32, 8, 128, 5, 4096, 3000),
+    (1, 9, 3, 64, 16, 8192, 70)])
 def test_decode_attention_rope_matches_the_unfused_steps(dtype, qk_norm, bsz, n_head, n_kv, head_dim, seqlen,
                                                          cache_len, last):
     # decode_attention_rope (q/k norms, rope and the cache write folded into decode attention) against the steps of
@@ -253,11 +236,11 @@ needs_triton = pytest.mark.skipif(getattr(model_module, "triton", None) is None,
 
 @needs_triton
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("rope,qk_norm,bm,bs", [(False, False, 16, 1), (True, False, 16, 1), (True, True, 32, 8)])
-def test_attention_kernels_compile_for_sm90(dtype, rope, qk_norm, bm, bs):
+@pytest.mark.parametrize("qk_norm,bm,bs", [(False, 16, 1), (True, 32, 8)])
+def test_attention_kernels_compile_for_sm90(dtype, qk_norm, bm, bs):
     t = "*" + dtype
     pointers = dict(Q=t, K=t, V=t, Out=t, QN=t, KN=t, Pos="*i64", Part="*fp32", Stat="*fp32", R="*fp32")
-    split = dict(BM=bm, BN=64, D=128, SCALE=128 ** -0.5, ONE_SPLIT=False, PRECISION="tf32", PDL=True, ROPE=rope,
+    split = dict(BM=bm, BN=64, D=128, SCALE=128 ** -0.5, ONE_SPLIT=False, PRECISION="tf32", PDL=True,
                  QK_NORM=qk_norm, BS=bs)
     assert compile_for_sm90(model_module._attn_split_kernel, pointers, split).asm["ptx"]
     combine = dict(BM=bm, NS=4, D=128, PDL=True)
