@@ -12,11 +12,12 @@
 #                    a multiple of the groupsize; the module pads its input the same way.
 #   NAME.bias stays float. Key "quantization": plain python values, {"format": 2, "mode", "groupsize", "method",
 #   "layers": {NAME: {"mode", "in_features", "out_features", "padded_in_features"}}, "float_layers": [NAME, ...],
-#   "source"}. The top-level mode names the file's scheme: "int8" (every layer int8) or "int4" (from --mode int4 or
-#   int4-gptq); a layer's mode ("int8" or "int4") says how that layer is stored. int4 files keep the output head in
+#   "source"}. The top-level mode names the file's scheme: "int8" (--mode int8 or int8-head) or "int4" (--mode int4
+#   or int4-gptq); a layer's mode ("int8" or "int4") says how that layer is stored. int4 files keep the output head in
 #   int8 (on SmolLM2 an int4 head cost most of int4 g32's perplexity; --head int4 quantizes it like the rest).
 #   groupsize (None in int8 files) applies to the int4 layers; an int8 layer has padded_in_features == in_features;
 #   method ("rtn" or "gptq") is how the int4 layers were rounded, int8 layers are always rounded to nearest.
+#   --mode int8-head stores only the output head in int8, every other layer float (a cheaper speculative draft).
 # Format 1 files (before per-layer modes) still load: every layer has the file's mode.
 import argparse
 import importlib.util
@@ -36,7 +37,7 @@ from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, me
 
 FORMAT = 2
 READ_FORMATS = (1, 2)
-MODES = ("int8", "int4", "int4-gptq")
+MODES = ("int8", "int8-head", "int4", "int4-gptq")
 HEADS = ("int8", "int4")  # how int4 files store the output head
 GROUPSIZES = (32, 64, 128, 256)  # the group sizes aten's int4 kernels accept
 CHUNK = 1 << 22  # quantize big layers this many weights at a time, to keep host memory flat
@@ -288,12 +289,12 @@ def plan_layers(args: ModelArgs, mode: str, groupsize: int, padding: str = "pad"
     is int8 unless head is "int4". An int4 layer whose input width the groupsize does not divide is padded with zero
     columns, left in float, or refused, as padding says."""
     all_layers = linear_layers(args)
-    modes = {name: "int8" if mode == "int8" or (name == "output" and head == "int8") else "int4"
+    modes = {name: "int8" if mode.startswith("int8") or (name == "output" and head == "int8") else "int4"
              for name in all_layers}
     layers, kept = {}, []
     for name, (n, k, _) in all_layers.items():
         kp = -(-k // groupsize) * groupsize if modes[name] == "int4" else k
-        if kp != k and padding == "float":
+        if (mode == "int8-head" and name != "output") or (kp != k and padding == "float"):
             kept.append(name)
         elif kp != k and padding == "error":
             divisors = [g for g in GROUPSIZES
@@ -358,7 +359,7 @@ def read_checkpoint(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
 
 
 def output_path_for(checkpoint_path: Path, mode: str, groupsize: int, head: str = "int8") -> Path:
-    suffix = "int8" if mode == "int8" else f"{mode}.g{groupsize}" + (".head-int4" if head == "int4" else "")
+    suffix = mode if mode.startswith("int8") else f"{mode}.g{groupsize}" + (".head-int4" if head == "int4" else "")
     return checkpoint_path.with_name(f"{checkpoint_path.stem}_{suffix}.pth")
 
 
@@ -370,11 +371,11 @@ def check_options(mode: str, groupsize, padding: str = "pad", head: str = "int8"
         raise QuantizeError(f"unknown --padding {padding!r}: use pad, float or error")
     if head not in HEADS:
         raise QuantizeError(f"unknown --head {head!r}: use int8 or int4")
-    if mode == "int8":
+    if mode.startswith("int8"):
         if groupsize is not None:
             raise QuantizeError("int8 has one scale per output channel and no groups: drop --groupsize")
         if head != "int8":
-            raise QuantizeError("--mode int8 stores every layer in int8: drop --head int4")
+            raise QuantizeError(f"--mode {mode} stores the head in int8: drop --head int4")
         return 0
     groupsize = 128 if groupsize is None else groupsize
     if groupsize not in GROUPSIZES:
@@ -425,7 +426,7 @@ def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = None, paddi
     for name in layers:  # a quantized layer's float weight goes; its bias stays as it was
         state.pop(f"{name}.weight", None)
     state.update(new)
-    state["quantization"] = dict(format=FORMAT, mode="int8" if mode == "int8" else "int4",
+    state["quantization"] = dict(format=FORMAT, mode="int8" if mode.startswith("int8") else "int4",
                                  groupsize=groupsize or None, method="gptq" if mode == "int4-gptq" else "rtn",
                                  layers=layers, float_layers=kept, source=checkpoint_path.name)
     tmp = out.with_name(out.name + ".tmp")
@@ -530,7 +531,8 @@ def parse_args(argv=None):
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, like every other bad input
     p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"),
                    help="float model.pth to quantize (never modified)")
-    p.add_argument("--mode", type=str, default="int8", help=f"one of {', '.join(MODES)}")
+    p.add_argument("--mode", type=str, default="int8", help=f"one of {', '.join(MODES)}; int8-head quantizes only the "
+                                                            "output head (a cheaper speculative draft)")
     p.add_argument("--groupsize", type=int, default=None, help="int4 group size: 32, 64, 128 (default) or 256")
     p.add_argument("--padding", type=str, default="pad",
                    help="int4 layers whose input width the groupsize does not divide: pad (with zero columns, the "

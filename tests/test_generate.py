@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import generate as G
+import quantize
 from conftest import ROOT, build_variant
 from model import ModelArgs, Transformer
 
@@ -126,12 +127,15 @@ def test_speculative_greedy_is_exact(qwen2, tmp_path, monkeypatch, compiled):
         monkeypatch.setattr(G, "verify", torch.compile(G.verify, fullgraph=True))
     # a different random model as draft: most proposals are rejected, which exercises the residual path
     _, other = build_variant("qwen2_tied", tmp_path)
-    for draft_path, k in ((other, 4), (ckpt, 3)):
-        draft = G.load_model(draft_path / "model.pth", "cpu", torch.float32)
+    # and the target with its head in int8 (quantize.py --mode int8-head): the cheap draft of the same model
+    head8 = quantize.quantize_checkpoint(ckpt / "model.pth", "int8-head", log=lambda *a: None)  # beside model.pth
+    for draft_path, k in ((other / "model.pth", 4), (ckpt / "model.pth", 3), (head8, 4)):
+        draft = G.load_model(draft_path, "cpu", torch.float32)
+        assert isinstance(draft.output, quantize.WeightOnlyInt8Linear) == (draft_path == head8)
         draft.setup_caches(1, prompt.numel() + 30 + 16)
         spec, stats = greedy(target, prompt, 30, draft_model=draft, speculate_k=k)
         assert spec.tolist() == plain.tolist()
-        if draft_path == ckpt:  # drafting for itself: every proposal is accepted
+        if draft_path == ckpt / "model.pth":  # drafting for itself: every proposal is accepted
             assert sum(stats["accept_counts"][:-1]) == 0
 
 

@@ -416,6 +416,48 @@ def test_int4_files_keep_the_head_in_int8(tiny, name):
     assert err8 < err4 / 4, (err8, err4)
 
 
+@pytest.mark.parametrize("name", ["llama_tied", "qwen2"])
+def test_int8_head_files_quantize_the_head_alone(tiny, tmp_path, name):
+    hf, ckpt_dir = tiny(name)
+    before = sha(ckpt_dir / "model.pth")
+    path = quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int8-head", output_path=tmp_path / "m.pth",
+                                        log=lambda *a: None)
+    assert sha(ckpt_dir / "model.pth") == before
+    sd, src = torch.load(str(path), weights_only=True), torch.load(str(ckpt_dir / "model.pth"), weights_only=True)
+    meta = sd.pop("quantization")
+    assert (meta["mode"], meta["groupsize"], meta["method"]) == ("int8", None, "rtn")  # what prepare_for_load reads
+    assert meta["layers"] == {"output": dict(mode="int8", in_features=64, out_features=320, padded_in_features=64)}
+    linears = [n for n, m in generate.load_model(ckpt_dir / "model.pth", "cpu", torch.float32).named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert meta["float_layers"] == [n for n in linears if n != "output"]
+    q, scales = quantize.quantize_int8(hf.lm_head.weight.detach())
+    assert torch.equal(sd.pop("output.weight"), q) and torch.equal(sd.pop("output.scales"), scales)
+    # everything else is the input's float tensors, the embedding too when the head was tied to it
+    assert set(sd) == set(src) - {"output.weight"}
+    assert all(sd[k].dtype == src[k].dtype and torch.equal(sd[k], src[k]) for k in sd)
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama2"])
+def test_int8_head_logits_match_the_float_model_with_a_dequantized_head(tiny, name):
+    hf, ckpt_dir = tiny(name)
+    path = quantize.quantize_checkpoint(ckpt_dir / "model.pth", "int8-head", output_path=ckpt_dir / "head8.pth",
+                                        log=lambda *a: None)
+    model = generate.load_model(path, "cpu", torch.float32)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n != "output" and isinstance(m, torch.nn.Linear)}
+    assert isinstance(model.output, quantize.WeightOnlyInt8Linear) and kinds <= {"Linear", "SplitLinear"}
+    # the reference: the float model, its head replaced (and so untied) by the file's int8 head dequantized
+    sd = torch.load(str(path), weights_only=True)
+    ref = generate.load_model(ckpt_dir / "model.pth", "cpu", torch.float32)
+    ref.output.weight = torch.nn.Parameter(quantize.dequantize_int8(sd["output.weight"], sd["output.scales"]))
+    float_model = generate.load_model(ckpt_dir / "model.pth", "cpu", torch.float32)
+    assert torch.equal(model.tok_embeddings.weight, float_model.tok_embeddings.weight)  # a tied embedding stays float
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    got = logits(model, ids)
+    assert rel_err(got, logits(ref, ids)) < 1e-5
+    # and the head is really int8: rounding its weights by ~0.5 % moves the logits by far more than the above
+    assert rel_err(got, logits(float_model, ids)) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------- metadata
 
 def test_renamed_file_loads_the_same(tiny):
@@ -504,7 +546,7 @@ def test_cli_writes_beside_the_input_and_keeps_it(tiny, tmp_path):
     for f in ("model.pth", "model_config.json"):
         shutil.copy(ckpt_dir / f, work / f)
     before = sha(work / "model.pth")
-    runs = [(("--mode", "int8"), "model_int8.pth", "int8"),
+    runs = [(("--mode", "int8"), "model_int8.pth", "int8"), (("--mode", "int8-head"), "model_int8-head.pth", "int8"),
             (("--mode", "int4", "--groupsize", "32"), "model_int4.g32.pth", "int8"),
             (("--mode", "int4", "--groupsize", "32", "--head", "int4"), "model_int4.g32.head-int4.pth", "int4")]
     for args, name, head in runs:
@@ -512,10 +554,11 @@ def test_cli_writes_beside_the_input_and_keeps_it(tiny, tmp_path):
         assert r.returncode == 0, r.stderr
         assert (work / name).is_file() and f"wrote {work / name}" in r.stdout
         int8_head_said = "kept in int8, one scale per output channel: output" in r.stdout
-        assert int8_head_said == (args[1] == "int4" and head == "int8")
+        assert int8_head_said == (args[1] != "int8" and head == "int8")
         meta = torch.load(str(work / name), weights_only=True)["quantization"]
-        assert meta["mode"] == args[1] and meta["groupsize"] == (32 if args[1] == "int4" else None)
+        assert meta["mode"] == args[1][:4] and meta["groupsize"] == (32 if args[1] == "int4" else None)
         assert meta["layers"]["output"]["mode"] == head
+        assert (list(meta["layers"]) == ["output"]) == (args[1] == "int8-head")
     assert sha(work / "model.pth") == before
     assert not list(work.glob("*.tmp"))
     # re-quantizing a quantized checkpoint is refused, whatever its name
@@ -531,6 +574,8 @@ BAD = [
     (("--mode", "int4", "--padding", "zeros"), "unknown --padding 'zeros'"),
     (("--mode", "int8", "--groupsize", "32"), "drop --groupsize"),
     (("--mode", "int8", "--head", "int4"), "drop --head int4"),
+    (("--mode", "int8-head", "--groupsize", "32"), "drop --groupsize"),
+    (("--mode", "int8-head", "--head", "int4"), "--mode int8-head stores the head in int8: drop --head int4"),
     (("--mode", "int4", "--head", "fp16"), "unknown --head 'fp16'"),
     (("--mode", "int4-gptq", "--calibration_samples", "0"), "--calibration_samples must be >= 1"),
     (("--mode", "int4-gptq", "--calibration_file", "/nonexistent.txt"),
