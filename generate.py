@@ -109,8 +109,9 @@ def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **samp
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, with_probs: bool = False,
                      **sampling_kwargs):
     """x [B, 1], input_pos [1] -> (next token [B, 1], its distribution (p, ids) as sample gives it if with_probs
-    (speculative drafts need it) else None)."""
-    logits = model(x, input_pos)
+    (speculative drafts need it) else None). x may hold more tokens (a draft's first step of a round reads two): only
+    the last one's logits are computed."""
+    logits = model(x, input_pos, last_only=True)
     if with_probs:
         return sample(logits, **sampling_kwargs)
     return sample_token(logits[:, -1], **sampling_kwargs), None
