@@ -266,19 +266,20 @@ def step_ms(model, device, k, n=50, with_probs=False, with_verify=True, seqlen=1
 
 
 def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 0.7, 0.8, 0.9), new_tokens=200,
-                      prompt_len=5):
+                      prompt_len=5, e2e=True):
     """Step times of the target, the draft and the verify; the speedup they predict at a per-token acceptance a:
     a round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps (the first reads two tokens) plus one
     verify. Then generate.py's own speculative loop end to end (compiled as `generate.py --compile` compiles it):
     ms per new token and the mean tokens per round at the acceptance these random weights give, against what the
-    step times predict for it."""
+    step times predict for it (unless not e2e)."""
     torch._dynamo.reset()
     target = random_model(name, "bf16", device, dtype, workdir)
     target.setup_caches(1, 64)
     t_plain, t_verify = step_ms(target, device, k)
     torch._dynamo.reset()
-    dmodel = random_model(name, draft, device, dtype, workdir) if draft in ("int8", "int4-g32", "int4-g128") \
-        else random_model(draft, "bf16", device, dtype, workdir)
+    shape, _, mode = draft.partition(":")  # the target's own quantized copy, or another shape (":mode" stored so)
+    dmodel = random_model(name, shape, device, dtype, workdir) if shape in ("int8", "int4-g32", "int4-g128") \
+        else random_model(shape, mode or "bf16", device, dtype, workdir)
     dmodel.setup_caches(1, 64)
     t_draft, _ = step_ms(dmodel, device, k, with_probs=True, with_verify=False)
     t_first, _ = step_ms(dmodel, device, k, with_probs=True, with_verify=False, seqlen=2)
@@ -288,6 +289,8 @@ def bench_speculative(name, draft, k, device, dtype, workdir, acceptances=(0.6, 
     for a in acceptances:
         tokens = (1 - a ** (k + 1)) / (1 - a)
         row[f"speedup@{a}"] = tokens * t_plain / t_round
+    if not e2e:
+        return row
 
     torch._dynamo.reset()
     # static shapes: a draft step reads one token, or two at the start of a round
@@ -334,9 +337,11 @@ def main():
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"),
                    help="random checkpoints for quantized modes and --first_token")
     p.add_argument("--speculate", nargs="*", default=[], metavar="DRAFT",
-                   help="time speculative decoding instead, with these drafts: a model shape or int8 / int4-g32 "
-                        "(the target's own quantized copy)")
+                   help="time speculative decoding instead, with these drafts: a model shape (SHAPE:int8-head for its "
+                        "head in int8), or int8 / int4-g32 (the target's own quantized copy)")
     p.add_argument("--speculate_k", type=int, default=4)
+    p.add_argument("--speculate_steps_only", action="store_true",
+                   help="time the steps only, not generate.py's speculative loop end to end")
     p.add_argument("--one_shot_max_bytes", type=int, default=None,
                    help="under torchrun: largest all-reduce that takes tp.py's one-shot path (0: NCCL only)")
     p.add_argument("--eager_prefill", action="store_true",
@@ -390,7 +395,8 @@ def main():
         for draft in a.speculate:
             try:
                 row = bench_speculative(name, draft, a.speculate_k, a.device, dtype, a.workdir,
-                                        new_tokens=a.max_new_tokens, prompt_len=a.prompt_length)
+                                        new_tokens=a.max_new_tokens, prompt_len=a.prompt_length,
+                                        e2e=not a.speculate_steps_only)
             except Exception as e:
                 print(f"{name} draft {draft}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
