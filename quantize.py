@@ -286,8 +286,9 @@ def linear_layers(args: ModelArgs) -> dict:
 def plan_layers(args: ModelArgs, mode: str, groupsize: int, padding: str = "pad",
                 head: str = "int8") -> tuple[dict, list]:
     """-> ({name: layer metadata} for the layers to quantize, [names left in float]). In int4 modes the output head
-    is int8 unless head is "int4". An int4 layer whose input width the groupsize does not divide is padded with zero
-    columns, left in float, or refused, as padding says."""
+    is int8 unless head is "int4"; int8-head quantizes the head alone and leaves every other layer float. An int4
+    layer whose input width the groupsize does not divide is padded with zero columns, left in float, or refused, as
+    padding says."""
     all_layers = linear_layers(args)
     modes = {name: "int8" if mode.startswith("int8") or (name == "output" and head == "int8") else "int4"
              for name in all_layers}
