@@ -257,6 +257,8 @@ def test_gemv_kernels_compile_for_sm90(wdtype, fused):
     for kernel, extra in ((model_module._gemv_kernel, {}), (model_module._rows_kernel, dict(BLOCK_M=2))):
         if extra and wdtype == "i8":
             continue  # int8 weights take one row
-        for config in (kernel.configs[0], kernel.configs[-1]):  # the smallest and largest tiles
+        # the smallest and largest tiles the kernel can run with (the rows kernel prunes its list per row count)
+        configs = model_module._rows_configs(kernel.configs, None, **extra) if extra else kernel.configs
+        for config in (configs[0], configs[-1]):
             compiled = compile_for_sm90(kernel, pointers, dict(flags, **extra, **config.kwargs), config.num_warps)
             assert compiled.asm["ptx"]
