@@ -649,22 +649,25 @@ def _gemv_rows(m: nn.Module, x: Tensor, norm: Optional[RMSNorm] = None, residual
 
 def merge_gate_up(model: nn.Module) -> nn.Module:
     """Gate and up of each feed-forward block as one matrix (FeedForward.w13, the layer w1 grown by w3's rows), where
-    both are layers of one kind holding only a weight [out, in] and maybe per-row scales (float, int8), no bias and
-    no hooks: one product per layer instead of two, and each one-row product costs ~4 us besides its reads on H100
-    (scripts/bench_notes.md). Call after tp.py's split."""
+    both are layers of one kind holding only a weight [out, in] and maybe per-row scales (float, int8) or per-group
+    scales and zeros (int4 before packing), no bias and no hooks: one product per layer instead of two, and each
+    one-row product costs ~4 us besides its reads on H100 (scripts/bench_notes.md). Call after tp.py's split."""
+    out_dim = {"weight": 0, "scales": 0, "scales_and_zeros": 1}  # int4's pairs are [groups, out, 2]
+
     def rows(m: nn.Module) -> Optional[list]:
         ts = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
         w = getattr(m, "weight", None)
-        ok = isinstance(w, Tensor) and w.dim() == 2 and {n for n, _ in ts} <= {"weight", "scales"} and \
-            all(t.size(0) == w.size(0) for _, t in ts) and not m._forward_hooks and not m._forward_pre_hooks
+        ok = isinstance(w, Tensor) and w.dim() == 2 and {n for n, _ in ts} <= set(out_dim) and \
+            all(t.size(out_dim[n]) == w.size(0) for n, t in ts) and not m._forward_hooks and not m._forward_pre_hooks
         return ts if ok else None
 
     for f in [m for m in model.modules() if isinstance(m, FeedForward) and m.w13 is None]:
         w1, w3 = f.w1, f.w3
-        if type(w1) is not type(w3) or rows(w1) is None or rows(w3) is None:
+        if type(w1) is not type(w3) or rows(w1) is None or rows(w3) is None or \
+                getattr(w1, "groupsize", None) != getattr(w3, "groupsize", None):
             continue
         for name, t in rows(w1):
-            merged = torch.cat([t, getattr(w3, name)])
+            merged = torch.cat([t, getattr(w3, name)], dim=out_dim[name])
             setattr(w1, name, nn.Parameter(merged, t.requires_grad) if isinstance(t, nn.Parameter) else merged)
         w1.out_features += w3.out_features
         f.w13, f.w1, f.w3 = w1, None, None

@@ -201,11 +201,13 @@ class WeightOnlyInt4Linear(nn.Module):
 
 def pack_for_device(model: nn.Module) -> nn.Module:
     """Call once, after the model is on its device and in its dtype (and after tp.apply_tp): packs every quantized
-    layer for that device and merges gate and up projections (model.merge_gate_up)."""
+    layer for that device and merges gate and up projections (model.merge_gate_up; first, so that int4's gate and up
+    merge in the stored layout and are packed as one layer)."""
+    merge_gate_up(model)
     for m in model.modules():
         if isinstance(m, (WeightOnlyInt4Linear, WeightOnlyInt8Linear)):
             m.pack()
-    return merge_gate_up(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -340,9 +340,10 @@ def test_quantized_logits_close_to_float(tiny, name, mode, groupsize, bound):
     assert set(kinds.values()) == {"WeightOnlyInt8Linear" if mode == "int8" else "WeightOnlyInt4Linear"}
     layers = torch.load(str(path), mmap=True, weights_only=True)["quantization"]["layers"]
     assert {n: i["mode"] for n, i in layers.items()} == {n: "int8" if n == "output" else mode for n in layers}
-    # int8 gate and up run as one matrix (quantize.merge_gate_up), checked above against the separate float ones
+    # gate and up run as one matrix (model.merge_gate_up; int4 merged before packing), checked above against the
+    # separate float ones
     ff = model.layers[0].feed_forward
-    assert (ff.w13 is not None and ff.w1 is None and ff.w3 is None) == (mode == "int8")
+    assert ff.w13 is not None and ff.w1 is None and ff.w3 is None
     if hf.config.tie_word_embeddings:  # the head is quantized, the embedding it was tied to is untouched
         assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
     if name.startswith("qwen2"):  # biases stay float and exact
@@ -374,7 +375,7 @@ def test_padding_modes(tiny, capsys):
     assert meta["float_layers"] == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
     model = generate.load_model(keep, "cpu", torch.float32)
     assert isinstance(model.layers[0].feed_forward.w2, torch.nn.Linear)  # float (SplitLinear on a multi-core CPU)
-    assert isinstance(model.layers[0].feed_forward.w1, quantize.WeightOnlyInt4Linear)
+    assert isinstance(model.layers[0].feed_forward.w13, quantize.WeightOnlyInt4Linear)  # gate and up, merged
     padded = generate.load_model(pad, "cpu", torch.float32).layers[1].feed_forward.w2
     assert (padded.in_features, padded.padded_in_features) == (96, 128)
     with pytest.raises(quantize.QuantizeError, match="does not divide the input width 96"):
