@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -357,9 +358,11 @@ def use_decode_attention_rope(qkv: Tensor, head_dim: int) -> bool:
 # one byte permute, and subtracting 2**23 + 128: the loop takes ~164 instructions per 32 weights per thread on sm_90
 # against ~191 with a sign extension and an integer add, read from the SASS).
 if triton is not None:
+    _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # the Triton interpreter runs no inline asm
+
     @triton.jit
     def _as_float(w):
-        if w.dtype == tl.int8:  # per 4 codes one xor (q + 128), per code one byte permute: the bits of 2**23 + 128 + q
+        if w.dtype == tl.int8 and _ASM:  # per 4 codes one xor (q + 128), per code one byte permute: 2**23 + 128 + q
             f = tl.inline_asm_elementwise(
                 "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
                 "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
