@@ -715,9 +715,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, input_pos)
         if last_only:
             x = x[:, -1:]
-        head = _row_operands(self.output)
-        if head is not None and x.numel() == x.size(-1) and use_gemv(x, head[0]):
+        if x.numel() == x.size(-1) and _row_operands(self.output) is not None and use_gemv(x, self.output.weight):
             # one row on CUDA: the final norm folded into the head's product. Inductor's fused norm + head took 84 or
             # 184 us for qwen2.5-0.5b's 151936x896 head on H100, as its tuning fell in each process
-            return gemv(x.view(1, -1), *head, self.norm.weight, self.norm.eps).view(*x.shape[:-1], -1).float()
+            return _gemv_rows(self.output, x.view(1, -1), norm=self.norm).view(*x.shape[:-1], -1).float()
         return self.output(self.norm(x)).float()
