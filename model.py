@@ -481,6 +481,50 @@ if triton is not None:
             y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
 
+    # Up to DOT_ROWS rows of float weights (the speculative verify's k + 1, a batch, a short prompt) on tensor cores:
+    # the rows padded to 16 as one side of tl.dot, BLOCK_N weight rows the other, bfloat16 (or the weight's dtype)
+    # operands, a float32 accumulator, bias and residual added at the end. The norms and silu-mul are not folded in:
+    # every program would redo them on its 16 x K inputs (H100, qwen2.5-7b, 5 rows, best tile: w13 with the norm 117
+    # us against 93 without, w2 with silu-mul 325 against 51; scripts/bench_notes.md); inductor's kernels do them once.
+    @triton.jit
+    def _dot_step(X, sx, M, K, rm, rk, w, acc):
+        x = tl.load(X + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        if w.dtype == tl.float32:  # float32 weights (tests, CPU-sized models) in full precision, not tf32
+            return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x.to(w.dtype), tl.trans(w), acc)
+
+    @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                              for n, k, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                                                 (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 8, 3)]],
+                     key=["M", "N", "K", "BIAS"], cache_results=True)
+    @triton.jit
+    def _dot_rows_kernel(X, W, B, R, Y, M, N, K, sx, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        live = rn < N
+        rows = rn[:, None].to(tl.int64) * K
+        rk = tl.arange(0, BLOCK_K)
+        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        if PDL:  # as the one-row kernel: the first weight tile is read before waiting for the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = _dot_step(X, sx, M, K, rm, rk, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc = _dot_step(X, sx, M, K, rm, rk, w, acc)
+        y = acc
+        if BIAS:
+            y += tl.load(B + rn, mask=live, other=0.0).to(tl.float32)[None, :]
+        out = rm[:, None] * N + rn[None, :]
+        live2 = (rm < M)[:, None] & live[None, :]
+        if RESIDUAL:
+            y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
+
     def _gemv_dtype(x: Tensor, scales: Optional[Tensor], residual: Optional[Tensor] = None) -> torch.dtype:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
         return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
@@ -489,10 +533,11 @@ if triton is not None:
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
              glu: bool = False) -> Tensor:
-        """x [M, K] (M rows, up to MAX_ROWS), w [N, K] contiguous, float or int8 with scales [N], bias [N] -> x w^T *
-        scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's). Folded in: glu, x [M, 2K]
-        is gate and up and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that weight and
-        eps; residual [M, N] is added at the end."""
+        """x [M, K] (M rows: one for int8, up to DOT_ROWS for float), w [N, K] contiguous, float or int8 with scales
+        [N], bias [N] -> x w^T * scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's);
+        residual [M, N] is added at the end. Folded in where gemv_folds(M, w) (one row, the two-row kernel): glu, x
+        [M, 2K] is gate and up and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that
+        weight and eps."""
         (m, _), (n, k) = x.shape, w.shape
         y = x.new_empty(m, n, dtype=_gemv_dtype(x, scales, residual))
         pdl = _pdl(x.device)
@@ -503,10 +548,14 @@ if triton is not None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         if m == 1:
             _gemv_kernel[grid](x, w, *operands, n, k, eps, **flags)
-        else:
-            assert m <= MAX_ROWS, f"model.gemv takes at most {MAX_ROWS} rows"
+        elif gemv_folds(m, w):
             _rows_kernel[grid](x, w, *operands, m, n, k, x.stride(0), eps, BLOCK_M=triton.next_power_of_2(m),
                                **flags)
+        else:
+            assert m <= DOT_ROWS and scales is None and norm_weight is None and not glu, \
+                f"model.gemv takes up to {DOT_ROWS} rows of a float weight, norm and silu-mul not folded in"
+            _dot_rows_kernel[grid](x, w, operands[1], operands[3], y, m, n, k, x.stride(0), BIAS=bias is not None,
+                                   RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl, BLOCK_M=16)
         return y
 
     @gemv.register_fake
@@ -521,18 +570,27 @@ MAX_ROWS = 2
 # through the four-call block were faster for qwen2.5-0.5b (width 896; the draft's two-token step 1.06 -> 0.83 ms)
 # and slower for llama-2-7b (width 4096; batch-2 decode 5.56 -> 5.71 ms); widths in between are not measured.
 ROWS_MAX_WIDTH = 2048
+# Up to DOT_ROWS rows of a float weight take the tensor-core kernel (wider models' two rows, the verify's k + 1)
+DOT_ROWS = 16
+
+
+def gemv_folds(rows: int, w: Tensor) -> bool:
+    """Whether model.gemv folds the norm and silu-mul in for this many rows of w (one row, or the two-row kernel on
+    a narrow model) rather than taking the tensor-core kernel, which leaves them to the caller."""
+    return rows == 1 or (rows <= MAX_ROWS and min(w.shape) <= ROWS_MAX_WIDTH)
 
 
 def use_gemv(x: Tensor, w: Tensor) -> bool:
-    """Whether x times w goes to the kernels above: on CUDA, a contiguous 2D weight, one row, or up to MAX_ROWS rows
-    of a float weight no wider than ROWS_MAX_WIDTH on its smaller side."""
+    """Whether x times w goes to the kernels above: on CUDA, a contiguous 2D weight, one row, or up to DOT_ROWS rows
+    of a float weight (the two-row kernel for up to MAX_ROWS on models up to ROWS_MAX_WIDTH wide, tensor cores
+    otherwise)."""
     rows = x.numel() // x.size(-1)
     return gemv is not None and x.is_cuda and w.dim() == 2 and w.is_contiguous() and \
-        (rows == 1 or (rows <= MAX_ROWS and w.is_floating_point() and min(w.shape) <= ROWS_MAX_WIDTH))
+        (rows == 1 or (rows <= DOT_ROWS and w.is_floating_point()))
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose product of up to MAX_ROWS rows on CUDA is model.gemv, where a block does not run as four
+    """nn.Linear whose product of up to DOT_ROWS rows on CUDA is model.gemv, where a block does not run as four
     kernel calls (TransformerBlock.few_rows: under tp.py's hooks, in int4 files): the down-projection w2, whose input
     (silu-mul) inductor would otherwise recompute per weight row (H100, llama-2-7b bf16: 5.51 -> 5.22 ms per token),
     and q/k/v with a bias (qwen2.5-0.5b: 1.03 -> 0.86 ms). The other float layers stay with inductor there."""
@@ -614,7 +672,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def few_rows(self, x: Tensor) -> bool:
-        """On CUDA, one row (every product an int8 or float matrix) or up to MAX_ROWS rows (float matrices), gate and
+        """On CUDA, one row (every product an int8 or float matrix) or up to DOT_ROWS rows (float matrices), gate and
         up merged, no hooks (tp.py's all-reduce after wo and w2)."""
         a, f = self.attention, self.feed_forward
         return f.w13 is not None and \
@@ -622,13 +680,19 @@ class TransformerBlock(nn.Module):
 
     def forward_few_rows(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """The block in four calls of model.gemv, with both RMSNorms, silu-mul and both residual adds folded into
-        them: the separate add + norm and silu-mul kernels (~7 us per layer on H100) go."""
+        them: the separate add + norm and silu-mul kernels (~7 us per layer on H100) go. Rows on tensor cores keep
+        the residual adds folded in and leave the norms and silu-mul to inductor."""
         a, f = self.attention, self.feed_forward
         rows = x.reshape(-1, x.size(-1))
-        qkv = _gemv_rows(a.wqkv, rows, norm=self.attention_norm)
+        fold = all(gemv_folds(rows.size(0), m.weight) for m in (a.wqkv, a.wo, f.w13, f.w2))
+        qkv = _gemv_rows(a.wqkv, rows, norm=self.attention_norm) if fold else \
+            _gemv_rows(a.wqkv, self.attention_norm(rows))
         y = a.attend(qkv.view(*x.shape[:-1], -1), rope, mask, input_pos)
         h = _gemv_rows(a.wo, y.reshape(rows.size(0), -1), residual=rows)
-        return _gemv_rows(f.w2, _gemv_rows(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
+        if fold:
+            return _gemv_rows(f.w2, _gemv_rows(f.w13, h, norm=self.ffn_norm), residual=h, glu=True).view(*x.shape)
+        gate, up = _gemv_rows(f.w13, self.ffn_norm(h)).chunk(2, dim=-1)
+        return _gemv_rows(f.w2, F.silu(gate) * up, residual=h).view(*x.shape)
 
 
 def _row_operands(m: nn.Module) -> Optional[tuple]:

@@ -182,7 +182,7 @@ def rel_err(a, b):
 @cuda
 @pytest.mark.parametrize("n,k", [(37, 300), (5, 2049), (1152, 896), (4096, 11008)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
 def test_gpu_gemv_matches_float64(n, k, wdtype, m):
     # model.gemv, the product of decode's few rows (the block's four calls, w2 and biased q/k/v elsewhere, every int8
     # layer at one row), with and without bias
@@ -202,14 +202,16 @@ def test_gpu_gemv_matches_float64(n, k, wdtype, m):
         got = model_module.gemv(x.cuda(), w.cuda(), None if s is None else s.cuda(), None if b is None else b.cuda())
         assert got.shape == (m, n) and got.dtype == (xdtype if s is None else torch.float32)
         assert rel_err(got.cpu(), want + (0 if b is None else b.double())) < tol
-    # the folded-in steps of the block's four calls: silu-mul of gate and up, RMSNorm, the residual add (per row)
-    xx, r = torch.randn(m, 2 * k, generator=g).to(xdtype), torch.randn(m, n, generator=g)
+    # the folded-in steps of the block's four calls: silu-mul of gate and up, RMSNorm (where gemv folds them: one
+    # row, the two-row kernel), the residual add (per row)
+    fold = model_module.gemv_folds(m, w)
+    xx, r = torch.randn(m, 2 * k if fold else k, generator=g).to(xdtype), torch.randn(m, n, generator=g)
     nw = torch.rand(k, generator=g) + 0.5
-    v = torch.nn.functional.silu(xx[:, :k].double()) * xx[:, k:].double()
-    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    v = torch.nn.functional.silu(xx[:, :k].double()) * xx[:, k:].double() if fold else xx.double()
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double() if fold else v
     want = (v @ w.double().T) * (1 if s is None else s.double()) + bias.double() + r.double()
-    got = model_module.gemv(xx.cuda(), w.cuda(), None if s is None else s.cuda(), bias.cuda(), nw.cuda(), 1e-6,
-                            r.cuda(), True)
+    got = model_module.gemv(xx.cuda(), w.cuda(), None if s is None else s.cuda(), bias.cuda(),
+                            nw.cuda() if fold else None, 1e-6, r.cuda(), fold)
     assert got.dtype == torch.float32 and rel_err(got.cpu(), want) < tol
     for i in range(m):  # each row on its own: a row's result does not depend on the others
         assert rel_err(got[i].cpu(), want[i]) < tol
@@ -254,11 +256,13 @@ def test_gemv_kernels_compile_for_sm90(wdtype, fused):
     x = "*fp32" if wdtype == "i8" else "*bf16"
     pointers = dict(X=x, W="*" + wdtype, S="*fp32", B=x, G=x, R=x, Y=x)
     flags = dict(SCALED=fused and wdtype == "i8", BIAS=fused, NORM=fused, GLU=fused, RESIDUAL=fused, PDL=True)
-    for kernel, extra in ((model_module._gemv_kernel, {}), (model_module._rows_kernel, dict(BLOCK_M=2))):
+    for kernel, extra in ((model_module._gemv_kernel, {}), (model_module._rows_kernel, dict(BLOCK_M=2)),
+                          (model_module._dot_rows_kernel, dict(BLOCK_M=16))):
         if extra and wdtype == "i8":
             continue  # int8 weights take one row
         # the smallest and largest tiles the kernel can run with (the rows kernel prunes its list per row count)
-        configs = model_module._rows_configs(kernel.configs, None, **extra) if extra else kernel.configs
+        rows = kernel is model_module._rows_kernel
+        configs = model_module._rows_configs(kernel.configs, None, **extra) if rows else kernel.configs
         for config in (configs[0], configs[-1]):
             compiled = compile_for_sm90(kernel, pointers, dict(flags, **extra, **config.kwargs), config.num_warps)
             assert compiled.asm["ptx"]

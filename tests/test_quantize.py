@@ -259,17 +259,18 @@ def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residu
 @pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
 def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
-    # On CUDA a block of int8 or float layers runs one token (float: up to model.MAX_ROWS rows: the draft's two-token
-    # step, a 2-token prompt, a batch of 2) as four kernel calls with the norms, silu-mul and residual adds folded in
-    # (TransformerBlock.forward_few_rows), gate and up merged (model.merge_gate_up). Here the kernel is replaced by
-    # its contract in float64 (gemv_float64) so that the wiring (which norm, which residual, gate before up, rows
-    # kept apart) is checked on CPU against the plain block; float layers are merged after the plain run.
+    # On CUDA a block of int8 or float layers runs one token (float: up to model.DOT_ROWS rows: the draft's two-token
+    # step, the verify's k + 1, a short prompt, a small batch) as four kernel calls with the residual adds folded in,
+    # and the norms and silu-mul too where model.gemv_folds (TransformerBlock.forward_few_rows), gate and up merged
+    # (model.merge_gate_up). Here the kernel is replaced by its contract in float64 (gemv_float64) so that the wiring
+    # (which norm, which residual, gate before up, rows kept apart) is checked on CPU against the plain block; float
+    # layers are merged after the plain run.
     hf, ckpt_dir = tiny(name)
     model = generate.load_model(quantized(ckpt_dir, "int8") if mode == "int8" else ckpt_dir / "model.pth", "cpu",
                                 torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
-    # int8: one token of one sequence per step; float: a 2-token prompt (2 rows), then single tokens
-    bsz, first = (1, 1) if mode == "int8" else (1, 2)
+    # int8: one token of one sequence per step; float: a 5-token prompt (5 rows, a verify's shape), then single tokens
+    bsz, first = (1, 1) if mode == "int8" else (1, 5)
 
     def decode():
         model.setup_caches(bsz, 16)
@@ -286,9 +287,14 @@ def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
         elif isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.contiguous()
     calls = []
-    max_rows = 1 if mode == "int8" else model_module.MAX_ROWS
+    max_rows = 1 if mode == "int8" else model_module.DOT_ROWS
     monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() // x.size(-1) <= max_rows)
-    monkeypatch.setattr(model_module, "gemv", lambda *a: calls.append(1) or gemv_float64(*a))
+
+    def gemv(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
+        calls.append(1)  # rows on tensor cores (the 5-row prompt) get the norms and silu-mul done, as the kernel asks
+        assert model_module.gemv_folds(x.size(0), w) or (norm_weight is None and not glu)
+        return gemv_float64(x, w, scales, bias, norm_weight, eps, residual, glu)
+    monkeypatch.setattr(model_module, "gemv", gemv)
     fused = decode()
     # every block of every step took the fused path, and the head (final norm folded in) every one-row step
     assert len(calls) == (13 - first) * model.config.n_layer * 4 + (12 - first) + (first == 1)
