@@ -372,6 +372,21 @@ if triton is not None:
         return w.to(tl.float32)
 
     @triton.jit
+    def _weight_tile(W, rows, live, rk, K):
+        # a [BLOCK_N, BLOCK_K] tile of weights (rows: the rows' offsets), read once, so evicted first from L2
+        return tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL: tl.constexpr):
+        # y [BLOCK_M, BLOCK_N] (float32) plus the residual's rows where asked, stored in Y's dtype
+        out = rm[:, None] * N + rn[None, :]
+        live2 = (rm < M)[:, None] & live[None, :]
+        if RESIDUAL:
+            y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
+
+    @triton.jit
     def _gemv_step(X, G, K, rk, w, acc, sq, NORM: tl.constexpr, GLU: tl.constexpr):
         x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
         if GLU:  # X holds gate then up (2K values): the input is silu(gate) * up
@@ -397,8 +412,7 @@ if triton is not None:
         live = rn < N
         rows = rn[:, None].to(tl.int64) * K
         rk = tl.arange(0, BLOCK_K)
-        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
-                    eviction_policy="evict_first")
+        w = _weight_tile(W, rows, live, rk, K)
         if PDL:  # launched early (programmatic dependent launch): the first weights are read while the kernel before
             tl.extra.cuda.gdc_wait()  # finishes; everything it wrote (x, the residual) is read after this wait
             tl.extra.cuda.gdc_launch_dependents()
@@ -406,8 +420,7 @@ if triton is not None:
         acc, sq = _gemv_step(X, G, K, rk, w, acc, sq, NORM, GLU)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
-                        eviction_policy="evict_first")
+            w = _weight_tile(W, rows, live, rk, K)
             acc, sq = _gemv_step(X, G, K, rk, w, acc, sq, NORM, GLU)
         y = tl.sum(acc, 1)
         if NORM:
@@ -456,8 +469,7 @@ if triton is not None:
         live = rn < N
         rows = rn[:, None].to(tl.int64) * K
         rk = tl.arange(0, BLOCK_K)
-        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
-                    eviction_policy="evict_first")
+        w = _weight_tile(W, rows, live, rk, K)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -465,8 +477,7 @@ if triton is not None:
         acc, sq = _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM, GLU)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
-                        eviction_policy="evict_first")
+            w = _weight_tile(W, rows, live, rk, K)
             acc, sq = _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM, GLU)
         y = tl.sum(acc, 2)
         if NORM:
@@ -475,11 +486,7 @@ if triton is not None:
             y *= tl.load(S + rn, mask=live, other=0.0)[None, :]
         if BIAS:
             y += tl.load(B + rn, mask=live, other=0.0)[None, :]
-        out = rm[:, None] * N + rn[None, :]
-        live2 = (rm < M)[:, None] & live[None, :]
-        if RESIDUAL:
-            y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
-        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
+        _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL)
 
     # Up to DOT_ROWS rows of float weights (the speculative verify's k + 1, a batch, a short prompt) on tensor cores:
     # the rows padded to 16 as one side of tl.dot, BLOCK_N weight rows the other, bfloat16 (or the weight's dtype)
@@ -505,25 +512,19 @@ if triton is not None:
         live = rn < N
         rows = rn[:, None].to(tl.int64) * K
         rk = tl.arange(0, BLOCK_K)
-        w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        w = _weight_tile(W, rows, live, rk, K)
         if PDL:  # as the one-row kernel: the first weight tile is read before waiting for the kernel before
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = _dot_step(X, sx, M, K, rm, rk, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
         for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            w = _weight_tile(W, rows, live, rk, K)
             acc = _dot_step(X, sx, M, K, rm, rk, w, acc)
         y = acc
         if BIAS:
             y += tl.load(B + rn, mask=live, other=0.0).to(tl.float32)[None, :]
-        out = rm[:, None] * N + rn[None, :]
-        live2 = (rm < M)[:, None] & live[None, :]
-        if RESIDUAL:
-            y += tl.load(R + out, mask=live2, other=0.0).to(tl.float32)
-        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
+        _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL)
 
     def _gemv_dtype(x: Tensor, scales: Optional[Tensor], residual: Optional[Tensor] = None) -> torch.dtype:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
