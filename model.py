@@ -676,8 +676,8 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def few_rows(self, x: Tensor) -> bool:
-        """On CUDA, one row (every product an int8 or float matrix) or up to DOT_ROWS rows (float matrices), gate and
-        up merged, no hooks (tp.py's all-reduce after wo and w2)."""
+        """On CUDA, one row (every product an int8 or float matrix) or up to DOT_ROWS rows of float matrices where
+        use_gemv allows them, gate and up merged, no hooks (tp.py's all-reduce after wo and w2)."""
         a, f = self.attention, self.feed_forward
         return f.w13 is not None and \
             all(_row_operands(m) is not None and use_gemv(x, m.weight) for m in (a.wqkv, a.wo, f.w13, f.w2))
