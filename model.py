@@ -378,6 +378,20 @@ if triton is not None:
                        eviction_policy="evict_first")
 
     @triton.jit
+    def _first_tile(W, N, K, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # this program's weight rows and their first tile; launched early (programmatic dependent launch), the tile
+        # is read while the kernel before finishes, and everything that kernel wrote (x, the residual) after the wait
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rn < N
+        rows = rn[:, None].to(tl.int64) * K
+        rk = tl.arange(0, BLOCK_K)
+        w = _weight_tile(W, rows, live, rk, K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        return rn, live, rows, rk, w
+
+    @triton.jit
     def _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL: tl.constexpr):
         # y [BLOCK_M, BLOCK_N] (float32) plus the residual's rows where asked, stored in Y's dtype
         out = rm[:, None] * N + rn[None, :]
@@ -408,14 +422,7 @@ if triton is not None:
     def _gemv_kernel(X, W, S, B, G, R, Y, N, K, eps, SCALED: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
                      GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = rn < N
-        rows = rn[:, None].to(tl.int64) * K
-        rk = tl.arange(0, BLOCK_K)
-        w = _weight_tile(W, rows, live, rk, K)
-        if PDL:  # launched early (programmatic dependent launch): the first weights are read while the kernel before
-            tl.extra.cuda.gdc_wait()  # finishes; everything it wrote (x, the residual) is read after this wait
-            tl.extra.cuda.gdc_launch_dependents()
+        rn, live, rows, rk, w = _first_tile(W, N, K, PDL, BLOCK_N, BLOCK_K)
         acc, sq = tl.zeros([BLOCK_N, BLOCK_K], tl.float32), tl.zeros([BLOCK_K], tl.float32)
         acc, sq = _gemv_step(X, G, K, rk, w, acc, sq, NORM, GLU)
         for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -464,15 +471,8 @@ if triton is not None:
     def _rows_kernel(X, W, S, B, G, R, Y, M, N, K, sx, eps, SCALED: tl.constexpr, BIAS: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn, live, rows, rk, w = _first_tile(W, N, K, PDL, BLOCK_N, BLOCK_K)
         rm = tl.arange(0, BLOCK_M)
-        live = rn < N
-        rows = rn[:, None].to(tl.int64) * K
-        rk = tl.arange(0, BLOCK_K)
-        w = _weight_tile(W, rows, live, rk, K)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         acc, sq = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32), tl.zeros([BLOCK_M], tl.float32)
         acc, sq = _rows_step(X, G, sx, K, rm, rk, w, acc, sq, M, NORM, GLU)
         for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -507,15 +507,8 @@ if triton is not None:
     @triton.jit
     def _dot_rows_kernel(X, W, B, R, Y, M, N, K, sx, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn, live, rows, rk, w = _first_tile(W, N, K, PDL, BLOCK_N, BLOCK_K)
         rm = tl.arange(0, BLOCK_M)
-        live = rn < N
-        rows = rn[:, None].to(tl.int64) * K
-        rk = tl.arange(0, BLOCK_K)
-        w = _weight_tile(W, rows, live, rk, K)
-        if PDL:  # as the one-row kernel: the first weight tile is read before waiting for the kernel before
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         acc = _dot_step(X, sx, M, K, rm, rk, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
         for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
