@@ -514,10 +514,9 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             w = _weight_tile(W, rows, live, rk, K)
             acc = _dot_step(X, sx, M, K, rm, rk, w, acc)
-        y = acc
         if BIAS:
-            y += tl.load(B + rn, mask=live, other=0.0).to(tl.float32)[None, :]
-        _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL)
+            acc += tl.load(B + rn, mask=live, other=0.0).to(tl.float32)[None, :]
+        _store_rows(Y, R, acc, rm, rn, M, N, live, RESIDUAL)
 
     def _gemv_dtype(x: Tensor, scales: Optional[Tensor], residual: Optional[Tensor] = None) -> torch.dtype:
         dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
@@ -535,8 +534,8 @@ if triton is not None:
         (m, _), (n, k) = x.shape, w.shape
         y = x.new_empty(m, n, dtype=_gemv_dtype(x, scales, residual))
         pdl = _pdl(x.device)
-        operands = (w if scales is None else scales, w if bias is None else bias,
-                    w if norm_weight is None else norm_weight, w if residual is None else residual.contiguous(), y)
+        b, r = w if bias is None else bias, w if residual is None else residual.contiguous()  # unused: any pointer
+        operands = (w if scales is None else scales, b, w if norm_weight is None else norm_weight, r, y)
         flags = dict(SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
                      RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -548,7 +547,7 @@ if triton is not None:
         else:
             assert m <= DOT_ROWS and scales is None and norm_weight is None and not glu, \
                 f"model.gemv takes up to {DOT_ROWS} rows of a float weight, norm and silu-mul not folded in"
-            _dot_rows_kernel[grid](x, w, operands[1], operands[3], y, m, n, k, x.stride(0), BIAS=bias is not None,
+            _dot_rows_kernel[grid](x, w, b, r, y, m, n, k, x.stride(0), BIAS=bias is not None,
                                    RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl, BLOCK_M=16)
         return y
 
