@@ -1,5 +1,6 @@
 # The transformer: Llama and Qwen (1, 1.5, 2, 2.5, 3) in one set of modules, with a static KV cache.
 # Family differences are ModelArgs fields whose defaults mean "plain Llama".
+import functools
 import json
 import math
 import os
@@ -294,6 +295,10 @@ if triton is not None:
         b, head, s = bh // n_kv_heads, (bh % n_kv_heads) * group + r // seqlen, r % seqlen
         tl.store(Out + b * sob + s * sos + head * soh + d, y.to(Out.dtype.element_ty))
 
+    @functools.lru_cache
+    def _sm_count(device) -> int:  # asked once per device, not per layer and step
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
     # An opaque custom op, not torch.library.triton_op: traced into by inductor, the decode step slowed down by about
     # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session). It mutates the caches in
     # place (inductor keeps a mutating custom op on the module's buffers, no copy: scripts/bench_notes.md): rope, the
@@ -310,11 +315,9 @@ if triton is not None:
         group = n_head // n_kv_heads
         out = qkv.new_empty(bsz, seqlen, n_head, head_dim)
         block_m, block_n = max(16, triton.next_power_of_2(group * seqlen)), 64
-        # the cache's length split into about `per` programs of at least `per` positions: 64 where a program serves
-        # several query heads, 128 for one (measured fastest on H100 for caches of 208-8192, scripts/bench_notes.md);
-        # splits past the filled length return at once
-        per = 64 if group > 1 else 128
-        n_splits = max(1, min(triton.cdiv(cache_len, per), triton.cdiv(per, bsz * n_kv_heads)))
+        # enough programs for two per SM over the cache's length; splits past the filled length return at once
+        sms = _sm_count(qkv.device)
+        n_splits = max(1, min(triton.cdiv(cache_len, 128), triton.cdiv(2 * sms, bsz * n_kv_heads)))
         split_len = triton.cdiv(triton.cdiv(cache_len, n_splits), block_n) * block_n
         n_splits = triton.cdiv(cache_len, split_len)
         part = qkv.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
