@@ -574,15 +574,18 @@ def gemv_folds(rows: int, w: Tensor) -> bool:
 
 
 def use_gemv(x: Tensor, w: Tensor) -> bool:
-    """Whether x times w goes to the kernels above: on CUDA, a contiguous 2D weight, one row, or up to DOT_ROWS rows
-    of a float weight (the two-row kernel for up to MAX_ROWS on models up to ROWS_MAX_WIDTH wide, tensor cores
-    otherwise, those under torch.compile only: in eager mode a gemv call costs ~97 us of host time against
-    F.linear's 18 on the H100 machine, which a short prompt's eager prefill pays per product: llama-2-7b, batch 2,
-    5-token prompt, first token 31-55 ms against 24-34)."""
+    """Whether x times w goes to the kernels above, on CUDA with a contiguous 2D weight: one row of an int8 weight
+    (F.linear would need a float copy of it), and under torch.compile up to DOT_ROWS rows of a float weight (the
+    two-row kernel for up to MAX_ROWS on models up to ROWS_MAX_WIDTH wide, tensor cores otherwise). Float weights
+    stay with F.linear in eager mode: there a gemv call costs ~66-97 us of host time against F.linear's 18 on the
+    H100 machine (eager decode, qwen2.5-0.5b bf16: 28.7 / 26.5 -> 22.3 / 21.4 ms per token without it, llama-2-7b
+    29.4 -> 27.6; a short prompt's eager prefill, llama-2-7b, batch 2: first token 31-55 ms against 24-34)."""
     rows = x.numel() // x.size(-1)
-    return gemv is not None and x.is_cuda and w.dim() == 2 and w.is_contiguous() and \
-        (rows == 1 or (w.is_floating_point() and
-                       (gemv_folds(rows, w) or (rows <= DOT_ROWS and torch.compiler.is_compiling()))))
+    if gemv is None or not x.is_cuda or w.dim() != 2 or not w.is_contiguous():
+        return False
+    if not w.is_floating_point():
+        return rows == 1
+    return rows <= DOT_ROWS and torch.compiler.is_compiling()
 
 
 class GemvLinear(nn.Linear):
