@@ -116,6 +116,43 @@ def test_gpu_logits_match_transformers(variant, bsz):
 
 
 @cuda
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_gpu_compiled_logits_match_transformers(variant, bsz, monkeypatch):
+    # under torch.compile float weights take model.gemv (eager mode keeps F.linear): one row through the block's four
+    # calls with the norms folded in, two rows through the two-row kernel on these narrow models, and a five-token
+    # step (a speculative verify) on tensor cores
+    name, hf, ckpt_dir = variant
+    if name not in ("qwen2", "llama2", "qwen3"):  # biases, one query head per key head, q/k norms: compiles are slow
+        pytest.skip("compiled on three variants only")
+    torch._dynamo.reset()  # each case compiles two shapes: past dynamo's recompile limit the model would run eagerly
+    launches = {}
+
+    class Counted:  # counts a Triton kernel's launches (kernel[grid](...))
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches[self.name] = launches.get(self.name, 0) + 1
+            return self.kernel[grid]
+    for kernel in ("_gemv_kernel", "_rows_kernel", "_dot_rows_kernel"):
+        monkeypatch.setattr(model_module, kernel, Counted(kernel, getattr(model_module, kernel)))
+    model = load_model(ckpt_dir / "model.pth", "cuda", torch.float32)
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (bsz, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.setup_caches(bsz, 32)
+        step = torch.compile(model, fullgraph=True, dynamic=False)
+        x, n_prefill = ids.cuda(), 7
+        out = [model(x[:, :n_prefill], torch.arange(n_prefill, device="cuda"))]
+        out += [step(x[:, i:i + 1], torch.tensor([i], device="cuda")) for i in range(n_prefill, 12)]
+        out.append(step(x[:, 12:], torch.arange(12, 17, device="cuda")))
+    got = torch.cat(out, dim=1).cpu()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert launches.get("_gemv_kernel" if bsz == 1 else "_rows_kernel") and launches.get("_dot_rows_kernel"), launches
+
+
+@cuda
 def test_gpu_compiled_greedy_tokens_match_transformers(variant):
     import generate as G
     name, hf, ckpt_dir = variant
