@@ -188,7 +188,7 @@ def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).type_as(x)
 
 
-def _pdl(device: torch.device) -> bool:
+def use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for this file's Triton kernels (Hopper and later) when inductor's kernels use it
     too (generate.py turns it on)."""
     import torch._inductor.config as inductor_config
@@ -322,7 +322,7 @@ if triton is not None:
         n_splits = triton.cdiv(cache_len, split_len)
         part = qkv.new_empty(bsz * n_kv_heads * n_splits * block_m * head_dim, dtype=torch.float32)
         stat = qkv.new_empty(bsz * n_kv_heads * n_splits * 2 * block_m, dtype=torch.float32)
-        pdl = _pdl(qkv.device)
+        pdl = use_pdl(qkv.device)
         _attn_split_kernel[(bsz * n_kv_heads, n_splits)](
             qkv, k_cache, v_cache, input_pos, out, part, stat, rope, qkv if q_norm is None else q_norm,
             qkv if k_norm is None else k_norm, qkv.stride(0), head_dim, qkv.stride(1), k_cache.stride(0),
@@ -533,7 +533,7 @@ if triton is not None:
         weight and eps."""
         (m, _), (n, k) = x.shape, w.shape
         y = x.new_empty(m, n, dtype=_gemv_dtype(x, scales, residual))
-        pdl = _pdl(x.device)
+        pdl = use_pdl(x.device)
         b, r = w if bias is None else bias, w if residual is None else residual.contiguous()  # unused: any pointer
         operands = (w if scales is None else scales, b, w if norm_weight is None else norm_weight, r, y)
         flags = dict(SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,

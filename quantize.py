@@ -33,7 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, merge_gate_up, open_checkpoint, use_gemv
+from model import (CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, merge_gate_up, open_checkpoint, use_gemv,
+                   use_pdl)
+
+try:  # the int4 kernel for CUDA below is Triton; installs without it (CPU) use aten's int4 kernel or the reference
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 FORMAT = 2
 READ_FORMATS = (1, 2)
@@ -144,9 +151,226 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) ->
     return ((q - 8) * scale[..., None] + zero[..., None]).view(N, K)
 
 
-def int4_inner_k_tiles(k: int) -> int:
-    # CUDA's packed layout needs K to be a multiple of inner_k_tiles * 16; larger tiles load faster
-    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+# int4 on CUDA: Triton kernels for up to INT4_ROWS rows (decode, the speculative steps, short prompts, small batches)
+# over a layout made at load time in place of the stored one. Eight codes per int32 word, column j of the word's eight
+# in nibble NIB[j] (NIB = 0 4 1 5 2 6 3 7), so that one mask and an or with 0x6400 turn nibbles 0 and 4 (columns 0
+# and 1) into the float16 pair (1024 + c0, 1024 + c1), and likewise the other three pairs: a word becomes four float16
+# pairs in x's order. The group's scale and zero are the two float16 halves of one int32 (scale low; bfloat16 values
+# convert exactly in float16's normal range). The weights are made as w = (c - 8) * scale + zero in float16 and
+# multiplied by x in float16 (the caller converts x): one or two rows by float16 pair multiply-adds, four pairs summed
+# in float16 and then in float32; 3-16 rows on tensor cores (float32 accumulator). On H100, llama-2-7b int4 g32:
+# 2.94 -> 2.70 ms per token against aten's tinygemm kernel (scripts/bench_notes.md, nineteenth session). More rows
+# dequantize to x's dtype and take F.linear (a prompt's prefill is compute-bound); keeping tinygemm's layout as well
+# would double int4's memory.
+INT4_ROWS = 16
+
+
+def pack_words(codes: Tensor) -> Tensor:
+    """Codes [N, K] in 0..15 (K a multiple of 8) -> int32 words [N, K / 8] in the kernel's nibble order."""
+    c = codes.to(torch.uint8).view(codes.size(0), -1, 8)
+    even, odd = c[..., 0::2], c[..., 1::2]  # columns 0 2 4 6 go to nibbles 0-3 (bytes 0, 1), 1 3 5 7 to nibbles 4-7
+    b = torch.cat([even[..., 0::2] | even[..., 1::2] << 4, odd[..., 0::2] | odd[..., 1::2] << 4], dim=-1)
+    return b.contiguous().view(torch.int32).view(codes.size(0), -1)
+
+
+def unpack_words(words: Tensor) -> Tensor:
+    """int32 words [N, K / 8] -> int32 codes [N, K]; the inverse of pack_words."""
+    b = words.contiguous().view(torch.uint8).view(words.size(0), -1, 4)
+    lo, hi = b & 15, b >> 4
+    even = torch.stack([lo[..., :2], hi[..., :2]], dim=-1).flatten(-2)
+    odd = torch.stack([lo[..., 2:], hi[..., 2:]], dim=-1).flatten(-2)
+    return torch.stack([even, odd], dim=-1).view(words.size(0), -1).to(torch.int32)
+
+
+def pack_scales(scales_and_zeros: Tensor) -> Tensor:
+    """bfloat16 [K / groupsize, N, 2] -> int32 [N, K / groupsize], the scale in the low float16 half, the zero high."""
+    return scales_and_zeros.transpose(0, 1).to(torch.float16).contiguous().view(torch.int32).squeeze(-1)
+
+
+def dequantize_words(words: Tensor, sz: Tensor, groupsize: int) -> Tensor:
+    """pack_words' and pack_scales' layout -> the float16 weight [N, K], each value (c - 8) * scale + zero."""
+    n = words.size(0)
+    q = (unpack_words(words).to(torch.float16) - 8).view(n, -1, groupsize)
+    scale, zero = sz.view(torch.float16).view(n, -1, 2).unbind(-1)
+    return (q * scale[..., None] + zero[..., None]).view(n, -1)
+
+
+if triton is not None:
+    _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # the Triton interpreter runs no inline asm
+
+    @triton.jit
+    def _half_pair(lo, hi):  # two float16 tensors -> their bits in one int32 each, lo in the low half
+        lo, hi = lo.to(tl.int16, bitcast=True).to(tl.int32), hi.to(tl.int16, bitcast=True).to(tl.int32)
+        return (lo & 0xFFFF) | (hi << 16)
+
+    @triton.jit
+    def _halves(p):  # the inverse of _half_pair
+        return p.to(tl.int16).to(tl.float16, bitcast=True), (p >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _code_pair(w, shift, s, z):  # plain Triton (the interpreter): the codes in nibbles shift/4 and shift/4 + 4
+        lo = ((w >> shift) & 15).to(tl.float32) - 8.0
+        hi = ((w >> (shift + 16)) & 15).to(tl.float32) - 8.0
+        return _half_pair((lo * s + z).to(tl.float16), (hi * s + z).to(tl.float16))
+
+    @triton.jit
+    def _pair_dot(a, x):  # plain Triton: a float16 pair times another, in float32
+        al, ah = _halves(a)
+        xl, xh = _halves(x)
+        return al.to(tl.float32) * xl.to(tl.float32) + ah.to(tl.float32) * xh.to(tl.float32)
+
+    @triton.jit
+    def _int4_pairs(w, sz, ASM: tl.constexpr):
+        """Words w and their groups' sz -> the eight weights as four float16 pairs (columns 0-1, 2-3, 4-5, 6-7)."""
+        if ASM:  # 15 instructions per word: the float16 pairs 1024 + c or 1024 + 16 c are made by masks, not shifts
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 s, z, t, m, e, k1032, k16, k72; mov.b32 m, 0x000F000F; mov.b32 e, 0x64006400; "
+                "mov.b32 k1032, 0x64086408; mov.b32 k16, 0x2C002C00; mov.b32 k72, 0xD480D480; "
+                "prmt.b32 s, $5, 0, 0x1010; prmt.b32 z, $5, 0, 0x3232; shr.u32 t, $4, 8; "
+                "lop3.b32 $0, $4, m, e, 0xEA; lop3.b32 $1, $4, 0x00F000F0, e, 0xEA; "
+                "lop3.b32 $2, t, m, e, 0xEA; lop3.b32 $3, t, 0x00F000F0, e, 0xEA; "
+                # c - 8, exactly: (1024 + c) - 1032 and (1024 + 16 c) / 16 - 72
+                "sub.f16x2 $0, $0, k1032; fma.rn.f16x2 $1, $1, k16, k72; "
+                "sub.f16x2 $2, $2, k1032; fma.rn.f16x2 $3, $3, k16, k72; "
+                "fma.rn.f16x2 $0, $0, s, z; fma.rn.f16x2 $1, $1, s, z; "
+                "fma.rn.f16x2 $2, $2, s, z; fma.rn.f16x2 $3, $3, s, z; }",
+                "=r,=r,=r,=r,r,r", [w, sz], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        s, z = _halves(sz)
+        s, z = s.to(tl.float32), z.to(tl.float32)
+        return _code_pair(w, 0, s, z), _code_pair(w, 4, s, z), _code_pair(w, 8, s, z), _code_pair(w, 12, s, z)
+
+    @triton.jit
+    def _int4_dot(a0, a1, a2, a3, x0, x1, x2, x3, ASM: tl.constexpr):
+        """Four weight pairs times four pairs of x (float16 bits in int32s) -> their sum in float32."""
+        if ASM:  # the four pairs summed in float16, the two halves in float32
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 h; .reg .b16 l, u; .reg .f32 f0, f1; mul.f16x2 h, $1, $5; fma.rn.f16x2 h, $2, $6, h; "
+                "fma.rn.f16x2 h, $3, $7, h; fma.rn.f16x2 h, $4, $8, h; mov.b32 {l, u}, h; cvt.f32.f16 f0, l; "
+                "cvt.f32.f16 f1, u; add.f32 $0, f0, f1; }",
+                "=r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+        return _pair_dot(a0, x0) + _pair_dot(a1, x1) + _pair_dot(a2, x2) + _pair_dot(a3, x3)
+
+    @triton.jit
+    def _int4_tile(W, SZ, m, n, g, j, N, KW, GW: tl.constexpr):
+        # words [1, BLOCK_N, groups, GW] and their groups' scales [1, BLOCK_N, groups, 1], read once
+        live = (n < N) & (g < KW // GW)
+        w = tl.load(W + n.to(tl.int64) * KW + g * GW + j, mask=live, other=0, eviction_policy="evict_first")
+        sz = tl.load(SZ + n.to(tl.int64) * (KW // GW) + g, mask=live, other=0, eviction_policy="evict_first")
+        return w, sz
+
+    @triton.jit
+    def _int4_step(X, m, n, g, j, M, KW, w, sz, acc, GW: tl.constexpr, ASM: tl.constexpr):
+        a0, a1, a2, a3 = _int4_pairs(w, sz, ASM)
+        xp = X + m * (4 * KW) + (g * GW + j) * 4  # [BLOCK_M, 1, groups, GW]: x's four pairs of each word
+        live = (m < M) & (g < KW // GW)
+        x0, x1 = tl.load(xp, mask=live, other=0), tl.load(xp + 1, mask=live, other=0)
+        x2, x3 = tl.load(xp + 2, mask=live, other=0), tl.load(xp + 3, mask=live, other=0)
+        return acc + _int4_dot(a0, a1, a2, a3, x0, x1, x2, x3, ASM)
+
+    # Tiles are fixed, not autotuned: in the model's process Triton's autotuner picked tiles up to 4x slower than the
+    # best (llama-2-7b q/k/v: 16 x 1024 / 8 warps, 64 us against 17 at 4 x 512 / 4; 3.25-4.57 ms per token against
+    # 2.70 with the tiles below). Chosen from the sm_90 SASS (tiles whose loop keeps everything in registers: others,
+    # and loads of another shape than the words', move tiles through shared memory with barriers every iteration) and
+    # the H100 micro-benchmark (scripts/bench_notes.md, nineteenth session).
+    @triton.jit
+    def _int4_kernel(X, W, SZ, Y, M, N, KW, GW: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # X: x in float16 [M, 8 KW] read as int32 pairs; W: words [N, KW]; SZ: [N, KW / GW]; Y: float32 [M, N]
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)[:, None, None, None]
+        n = rn[None, :, None, None]
+        g = tl.arange(0, BLOCK_K // (8 * GW))[None, None, :, None]
+        j = tl.arange(0, GW)[None, None, None, :]
+        w, sz = _int4_tile(W, SZ, m, n, g, j, N, KW, GW)
+        if PDL:  # the first tile is read while the kernel before finishes; x after it has
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = _int4_step(X, m, n, g, j, M, KW, w, sz, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // (8 * GW), GW], tl.float32),
+                         GW, ASM)
+        for g0 in range(BLOCK_K // (8 * GW), KW // GW, BLOCK_K // (8 * GW)):
+            w, sz = _int4_tile(W, SZ, m, n, g0 + g, j, N, KW, GW)
+            acc = _int4_step(X, m, n, g0 + g, j, M, KW, w, sz, acc, GW, ASM)
+        y = tl.sum(tl.sum(acc, 3), 2)
+        rm = tl.arange(0, BLOCK_M)
+        tl.store(Y + rm[:, None] * N + rn[None, :], y, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    # 3 to INT4_ROWS rows: split along K too (partial sums added atomically into a zeroed output): a program's tile
+    # stays in registers with no pipelined loads, so more warps per SM hide the loads' latency
+    @triton.jit
+    def _int4_dot_kernel(X, W, SZ, Y, M, N, KW, GW: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        # 3..16 rows on tensor cores: the tile's words dequantized as in the kernel above into a float16 tile
+        # [BLOCK_N, BLOCK_K], x's rows padded to BLOCK_M; Y starts at zero where SPLIT_K > 1
+        BG: tl.constexpr = BLOCK_K // (8 * GW)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = rn[:, None, None]
+        g = tl.arange(0, BG)[None, :, None]
+        j = tl.arange(0, GW)[None, None, :]
+        m = tl.arange(0, BLOCK_M)
+        col = tl.arange(0, BLOCK_K)
+        n_groups = KW // GW
+        per = tl.cdiv(tl.cdiv(n_groups, SPLIT_K), BG) * BG
+        start = tl.program_id(1) * per
+        end = tl.minimum(start + per, n_groups)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        for g0 in range(start, end, BG):
+            live = (n < N) & (g0 + g < end)
+            w = tl.load(W + n.to(tl.int64) * KW + (g0 + g) * GW + j, mask=live, other=0, eviction_policy="evict_first")
+            sz = tl.load(SZ + n.to(tl.int64) * n_groups + g0 + g, mask=live, other=0, eviction_policy="evict_first")
+            a0, a1, a2, a3 = _int4_pairs(w, sz, ASM)
+            l0, h0 = _halves(a0)
+            l1, h1 = _halves(a1)
+            l2, h2 = _halves(a2)
+            l3, h3 = _halves(a3)
+            # [BLOCK_N, groups, GW, pair // 2, pair % 2, half]: the columns in order
+            t = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
+            t = tl.reshape(t, [BLOCK_N, BLOCK_K])
+            k = g0 * GW * 8 + col
+            x = tl.load(X + m[:, None] * (8 * KW) + k[None, :], mask=(m < M)[:, None] & (k < end * GW * 8)[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(t), acc)
+        out = Y + m[:, None] * N + rn[None, :]
+        live = (m < M)[:, None] & (rn < N)[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=live)
+        else:
+            tl.atomic_add(out, acc, mask=live, sem="relaxed")
+
+    def _int4_mm(x: Tensor, w: Tensor, sz: Tensor) -> Tensor:
+        m, n, kw = x.size(0), w.size(0), w.size(1)
+        gw = kw // sz.size(1)  # words per group
+        y = x.new_empty(m, n, dtype=torch.float32)
+        pdl = use_pdl(x.device)
+        if m <= 2:  # 1 row: 4 x 512 for groups of 32-64 codes, 8 x 1024 for 128-256; 2 rows: 8 x 512
+            bn, bk, warps = (4, 512, 4) if m == 1 and gw <= 8 else (8, 1024, 8) if m == 1 else (8, 512, 8)
+            bk = max(bk, 8 * gw)
+            _int4_kernel[(triton.cdiv(n, bn),)](x.view(torch.int32), w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM,
+                                                BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3,
+                                                launch_pdl=pdl)
+            return y
+        bn, bk = 32, max(128, 8 * gw)
+        programs = triton.cdiv(n, bn)  # split K until there are about two programs per SM, at most 8 ways
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = min(8, triton.next_power_of_2(triton.cdiv(2 * sms, programs)), triton.cdiv(kw, bk // 8))
+        y.zero_()
+        _int4_dot_kernel[(programs, split)](x, w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM, BLOCK_M=16, BLOCK_N=bn,
+                                            BLOCK_K=bk, SPLIT_K=split, num_warps=2, num_stages=2, launch_pdl=pdl)
+        return y
+
+    # Opaque to inductor, as model.gemv; in eager mode the launch is called directly (a custom op's dispatch costs
+    # tens of microseconds of host time per call).
+    @torch.library.custom_op("gptfast::int4_mm", mutates_args=())
+    def int4_mm(x: Tensor, w: Tensor, sz: Tensor) -> Tensor:
+        """x float16 [M, K] contiguous (M <= INT4_ROWS), w int32 [N, K / 8] (pack_words), sz int32 [N, K / groupsize]
+        (pack_scales) -> x w^T in float32 [M, N]."""
+        return _int4_mm(x, w, sz)
+
+    @int4_mm.register_fake
+    def _(x, w, sz):
+        return x.new_empty(x.size(0), w.size(0), dtype=torch.float32)
 
 
 class WeightOnlyInt4Linear(nn.Module):
@@ -166,35 +390,42 @@ class WeightOnlyInt4Linear(nn.Module):
         self.kernel = "reference"  # until pack(): dequantize, then F.linear
 
     def pack(self) -> None:
-        device, n, kp = self.weight.device, self.out_features, self.padded_in_features
+        device, n = self.weight.device, self.out_features
         if self.kernel != "reference":
             raise RuntimeError("pack_for_device was already called: load the checkpoint again to move it")
-        if device.type == "cuda" and n % 8 == 0:
-            self.kernel = "cuda"
-            packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), int4_inner_k_tiles(kp))
+        if device.type == "cuda" and triton is not None:
+            self.kernel = "triton"
+            words, sz = pack_words(unpack_nibbles(self.weight)), pack_scales(self.scales_and_zeros)
+            del self.weight, self.scales_and_zeros
+            self.register_buffer("weight_packed", words)
+            self.register_buffer("scales_packed", sz)
         elif device.type == "cpu" and n % 16 == 0:
             self.kernel = "cpu"
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight), 1)
-        else:
-            return  # the reference path serves any device and shape
-        # both kernels compute in bfloat16 (CUDA's only takes that; the CPU one is many times slower in float32);
-        # scales and zeros were stored in bfloat16, so this is exact
-        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
-        del self.weight
-        self.register_buffer("weight_packed", packed)
+            # the kernel computes in bfloat16 (many times slower in float32); scales and zeros were stored in
+            # bfloat16, so this is exact
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+            del self.weight
+            self.register_buffer("weight_packed", packed)
+        # else the reference path serves any device and shape
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))
         lead = x.shape[:-1]
         x = x.reshape(-1, self.padded_in_features)
-        if self.kernel == "reference":
-            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
+        if self.kernel == "triton" and x.size(0) <= INT4_ROWS:
+            # the kernel multiplies in float16: x is clamped to its range first (65280 is a bfloat16 value too)
+            x16 = x.clamp(-65280, 65280).to(torch.float16).contiguous()
+            mm = int4_mm if torch.compiler.is_compiling() else _int4_mm
+            y = mm(x16, self.weight_packed, self.scales_packed).to(x.dtype)
+        elif self.kernel == "triton":
+            y = F.linear(x, dequantize_words(self.weight_packed, self.scales_packed, self.groupsize).to(x.dtype))
+        elif self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.weight_packed,
+                                                           self.groupsize, self.scales_and_zeros).to(x.dtype)
         else:
-            mm = torch.ops.aten._weight_int4pack_mm if self.kernel == "cuda" else \
-                torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = mm(x.to(torch.bfloat16).contiguous(), self.weight_packed, self.groupsize,
-                   self.scales_and_zeros).to(x.dtype)
+            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 

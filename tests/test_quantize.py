@@ -110,6 +110,31 @@ def test_nibble_order_is_high_nibble_first():
     assert torch.equal(quantize.unpack_nibbles(packed), q.int())
 
 
+def test_cuda_word_layout_puts_column_j_in_nibble_nib_j():
+    # the Triton kernel's words: column j of each group of eight in nibble [0, 4, 1, 5, 2, 6, 3, 7][j]
+    q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    words = quantize.pack_words(q)
+    assert words.dtype == torch.int32 and words.shape == (5, 8)
+    bits = words.long() & 0xFFFFFFFF
+    for j, nib in enumerate([0, 4, 1, 5, 2, 6, 3, 7]):
+        assert torch.equal((bits >> (4 * nib)) & 15, q[:, j::8].long())
+    assert torch.equal(quantize.unpack_words(words), q)
+
+
+@pytest.mark.parametrize("groupsize", quantize.GROUPSIZES)
+def test_cuda_word_layout_dequantizes_like_the_reference(groupsize):
+    w = torch.randn(24, 512, generator=torch.Generator().manual_seed(groupsize)) * 0.05
+    packed, sz = quantize.quantize_int4(w, groupsize)
+    words, scales = quantize.pack_words(quantize.unpack_nibbles(packed)), quantize.pack_scales(sz)
+    assert scales.dtype == torch.int32 and scales.shape == (24, 512 // groupsize)
+    scale, zero = scales.view(torch.float16).view(24, -1, 2).unbind(-1)
+    assert torch.equal(scale.float(), sz[:, :, 0].T.float()) and torch.equal(zero.float(), sz[:, :, 1].T.float())
+    got = quantize.dequantize_words(words, scales, groupsize)
+    want = quantize.dequantize_int4(packed, sz, groupsize)
+    # float16 arithmetic: each weight within a few float16 steps of the float32 reference
+    assert got.dtype == torch.float16 and ((got.float() - want).abs() <= want.abs() * 2 ** -9 + 1e-6).all()
+
+
 # ---------------------------------------------------------------------------------------------------- kernels
 
 def int4_pair(n, k, groupsize, bias, padded=None, seed=0):
@@ -195,22 +220,23 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
 
 @needs_gpu
 @pytest.mark.parametrize("n,k,groupsize,padded", [(48, 256, 32, None), (1152, 896, 32, None), (64, 576, 64, 640),
-                                                  (4096, 11008, 128, 11008), (24, 1024, 256, None)])
+                                                  (4096, 11008, 128, 11008), (24, 1024, 256, None),
+                                                  (37, 384, 128, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_gpu_kernel_matches_dequantize_reference(n, k, groupsize, padded, dtype):
     torch._dynamo.reset()  # as above: a fresh compile per case
     w, (m, _) = int4_pair(n, k, groupsize, True, padded)
     ref = quantize.dequantize_int4(m.weight, m.scales_and_zeros, groupsize).double()[:, :k]
     m = quantize.pack_for_device(m.cuda().to(dtype))
-    assert m.kernel == "cuda"
-    for rows in (1, 5, 17):
+    assert m.kernel == "triton"
+    for rows in (1, 2, 5, 8, 9, 40):  # up to INT4_ROWS the kernel, then dequantize and F.linear
         x = torch.randn(rows, k).to(dtype)
         want = x.double() @ ref.T + m.bias.double().cpu()
         with torch.no_grad():
             for f in (m, torch.compile(m, fullgraph=True)):
                 got = f(x.cuda())
                 assert got.shape == (rows, n) and got.dtype == dtype
-                # the kernel takes bfloat16 activations and returns bfloat16 (2^-9 each)
+                # the kernel multiplies in float16 and returns x's dtype (bfloat16: 2^-9)
                 assert rel_err(got.double().cpu(), want) < 1e-2
 
 
