@@ -196,6 +196,11 @@ def use_pdl(device: torch.device) -> bool:
         torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.lru_cache
+def sm_count(device) -> int:  # asked once per device, not per layer and step
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # Decode attention. For a few query positions per sequence (decode, speculative verify) SDPA reads the whole
 # allocated cache under a mask and costs about 11 us per layer in three kernels on an H100 (scripts/bench_notes.md);
 # this kernel reads only the keys up to the last position, every query head of a key/value head in one program
@@ -295,10 +300,6 @@ if triton is not None:
         b, head, s = bh // n_kv_heads, (bh % n_kv_heads) * group + r // seqlen, r % seqlen
         tl.store(Out + b * sob + s * sos + head * soh + d, y.to(Out.dtype.element_ty))
 
-    @functools.lru_cache
-    def _sm_count(device) -> int:  # asked once per device, not per layer and step
-        return torch.cuda.get_device_properties(device).multi_processor_count
-
     # An opaque custom op, not torch.library.triton_op: traced into by inductor, the decode step slowed down by about
     # a copy of each layer's KV cache (scripts/bench_notes.md, 2026-11-23, sixth session). It mutates the caches in
     # place (inductor keeps a mutating custom op on the module's buffers, no copy: scripts/bench_notes.md): rope, the
@@ -316,7 +317,7 @@ if triton is not None:
         out = qkv.new_empty(bsz, seqlen, n_head, head_dim)
         block_m, block_n = max(16, triton.next_power_of_2(group * seqlen)), 64
         # enough programs for two per SM over the cache's length; splits past the filled length return at once
-        sms = _sm_count(qkv.device)
+        sms = sm_count(qkv.device)
         n_splits = max(1, min(triton.cdiv(cache_len, 128), triton.cdiv(2 * sms, bsz * n_kv_heads)))
         split_len = triton.cdiv(triton.cdiv(cache_len, n_splits), block_n) * block_n
         n_splits = triton.cdiv(cache_len, split_len)

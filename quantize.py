@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import (CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, merge_gate_up, open_checkpoint, use_gemv,
-                   use_pdl)
+from model import (CONFIG_NAME, CheckpointError, ModelArgs, Transformer, gemv, merge_gate_up, open_checkpoint, sm_count,
+                   use_gemv, use_pdl)
 
 try:  # the int4 kernel for CUDA below is Triton; installs without it (CPU) use aten's int4 kernel or the reference
     import triton
@@ -251,7 +251,7 @@ if triton is not None:
         return _pair_dot(a0, x0) + _pair_dot(a1, x1) + _pair_dot(a2, x2) + _pair_dot(a3, x3)
 
     @triton.jit
-    def _int4_tile(W, SZ, m, n, g, j, N, KW, GW: tl.constexpr):
+    def _int4_tile(W, SZ, n, g, j, N, KW, GW: tl.constexpr):
         # words [1, BLOCK_N, groups, GW] and their groups' scales [1, BLOCK_N, groups, 1], read once
         live = (n < N) & (g < KW // GW)
         w = tl.load(W + n.to(tl.int64) * KW + g * GW + j, mask=live, other=0, eviction_policy="evict_first")
@@ -281,14 +281,14 @@ if triton is not None:
         n = rn[None, :, None, None]
         g = tl.arange(0, BLOCK_K // (8 * GW))[None, None, :, None]
         j = tl.arange(0, GW)[None, None, None, :]
-        w, sz = _int4_tile(W, SZ, m, n, g, j, N, KW, GW)
+        w, sz = _int4_tile(W, SZ, n, g, j, N, KW, GW)
         if PDL:  # the first tile is read while the kernel before finishes; x after it has
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = _int4_step(X, m, n, g, j, M, KW, w, sz, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // (8 * GW), GW], tl.float32),
                          GW, ASM)
         for g0 in range(BLOCK_K // (8 * GW), KW // GW, BLOCK_K // (8 * GW)):
-            w, sz = _int4_tile(W, SZ, m, n, g0 + g, j, N, KW, GW)
+            w, sz = _int4_tile(W, SZ, n, g0 + g, j, N, KW, GW)
             acc = _int4_step(X, m, n, g0 + g, j, M, KW, w, sz, acc, GW, ASM)
         y = tl.sum(tl.sum(acc, 3), 2)
         rm = tl.arange(0, BLOCK_M)
@@ -353,8 +353,7 @@ if triton is not None:
             return y
         bn, bk = 32, max(128, 8 * gw)
         programs = triton.cdiv(n, bn)  # split K until there are about two programs per SM, at most 8 ways
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        split = min(8, triton.next_power_of_2(triton.cdiv(2 * sms, programs)), triton.cdiv(kw, bk // 8))
+        split = min(8, triton.next_power_of_2(triton.cdiv(2 * sm_count(x.device), programs)), triton.cdiv(kw, bk // 8))
         y.zero_()
         _int4_dot_kernel[(programs, split)](x, w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM, BLOCK_M=16, BLOCK_N=bn,
                                             BLOCK_K=bk, SPLIT_K=split, num_warps=2, num_stages=2, launch_pdl=pdl)
