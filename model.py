@@ -489,14 +489,17 @@ if triton is not None:
             y += tl.load(B + rn, mask=live, other=0.0)[None, :]
         _store_rows(Y, R, y, rm, rn, M, N, live, RESIDUAL)
 
-    # Up to DOT_ROWS rows of float weights (the speculative verify's k + 1, a batch, a short prompt) on tensor cores:
-    # the rows padded to 16 as one side of tl.dot, BLOCK_N weight rows the other, bfloat16 (or the weight's dtype)
-    # operands, a float32 accumulator, bias and residual added at the end. The norms and silu-mul are not folded in:
-    # every program would redo them on its 16 x K inputs (H100, qwen2.5-7b, 5 rows, best tile: w13 with the norm 117
-    # us against 93 without, w2 with silu-mul 325 against 51; scripts/bench_notes.md); inductor's kernels do them once.
+    # Up to DOT_ROWS rows of float or int8 weights (the speculative verify's k + 1, a batch, a short prompt) on tensor
+    # cores: the rows padded to 16 as one side of tl.dot, BLOCK_N weight rows the other, bfloat16 (or the weight's
+    # dtype; int8 converted to x's) operands, a float32 accumulator, scales, bias and residual applied at the end.
+    # The norms and silu-mul are not folded in: every program would redo them on its 16 x K inputs (H100, qwen2.5-7b,
+    # 5 rows, best tile: w13 with the norm 117 us against 93 without, w2 with silu-mul 325 against 51;
+    # scripts/bench_notes.md); inductor's kernels do them once.
     @triton.jit
     def _dot_step(X, sx, M, K, rm, rk, w, acc):
         x = tl.load(X + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        if w.dtype == tl.int8:  # int8 codes are exact in x's dtype (bfloat16, float16 or float32); scaled at the end
+            w = w.to(x.dtype)
         if w.dtype == tl.float32:  # float32 weights (tests, CPU-sized models) in full precision, not tf32
             return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         return tl.dot(x.to(w.dtype), tl.trans(w), acc)
@@ -504,10 +507,11 @@ if triton is not None:
     @triton.autotune(configs=[triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                               for n, k, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
                                                  (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 8, 3)]],
-                     key=["M", "N", "K", "BIAS"], cache_results=True)
+                     key=["M", "N", "K", "SCALED", "BIAS"], cache_results=True)
     @triton.jit
-    def _dot_rows_kernel(X, W, B, R, Y, M, N, K, sx, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _dot_rows_kernel(X, W, S, B, R, Y, M, N, K, sx, SCALED: tl.constexpr, BIAS: tl.constexpr,
+                         RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
         rn, live, rows, rk, w = _first_tile(W, N, K, PDL, BLOCK_N, BLOCK_K)
         rm = tl.arange(0, BLOCK_M)
         acc = _dot_step(X, sx, M, K, rm, rk, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
@@ -515,6 +519,8 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             w = _weight_tile(W, rows, live, rk, K)
             acc = _dot_step(X, sx, M, K, rm, rk, w, acc)
+        if SCALED:
+            acc *= tl.load(S + rn, mask=live, other=0.0)[None, :]
         if BIAS:
             acc += tl.load(B + rn, mask=live, other=0.0).to(tl.float32)[None, :]
         _store_rows(Y, R, acc, rm, rn, M, N, live, RESIDUAL)
@@ -527,7 +533,7 @@ if triton is not None:
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
              glu: bool = False) -> Tensor:
-        """x [M, K] (M rows: one for int8, up to DOT_ROWS for float), w [N, K] contiguous, float or int8 with scales
+        """x [M, K] (up to DOT_ROWS rows), w [N, K] contiguous, float or int8 with scales
         [N], bias [N] -> x w^T * scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's);
         residual [M, N] is added at the end. Folded in where gemv_folds(M, w) (one row, the two-row kernel): glu, x
         [M, 2K] is gate and up and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that
@@ -546,10 +552,11 @@ if triton is not None:
             _rows_kernel[grid](x, w, *operands, m, n, k, x.stride(0), eps, BLOCK_M=triton.next_power_of_2(m),
                                **flags)
         else:
-            assert m <= DOT_ROWS and scales is None and norm_weight is None and not glu, \
-                f"model.gemv takes up to {DOT_ROWS} rows of a float weight, norm and silu-mul not folded in"
-            _dot_rows_kernel[grid](x, w, b, r, y, m, n, k, x.stride(0), BIAS=bias is not None,
-                                   RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl, BLOCK_M=16)
+            assert m <= DOT_ROWS and norm_weight is None and not glu, \
+                f"model.gemv takes up to {DOT_ROWS} rows here, norm and silu-mul not folded in"
+            _dot_rows_kernel[grid](x, w, operands[0], b, r, y, m, n, k, x.stride(0), SCALED=scales is not None,
+                                   BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl,
+                                   BLOCK_M=16)
         return y
 
     @gemv.register_fake
@@ -576,16 +583,17 @@ def gemv_folds(rows: int, w: Tensor) -> bool:
 
 def use_gemv(x: Tensor, w: Tensor) -> bool:
     """Whether x times w goes to the kernels above, on CUDA with a contiguous 2D weight: one row of an int8 weight
-    (F.linear would need a float copy of it), and under torch.compile up to DOT_ROWS rows of a float weight (the
-    two-row kernel for up to MAX_ROWS on models up to ROWS_MAX_WIDTH wide, tensor cores otherwise). Float weights
+    (F.linear would need a float copy of it), and under torch.compile up to DOT_ROWS rows of a float or int8 weight
+    (the two-row kernel for up to MAX_ROWS on models up to ROWS_MAX_WIDTH wide, tensor cores otherwise; inductor's
+    own code for two rows of int8, the cast fused into the product, took 63 ms per qwen2.5-7b step). Float weights
     stay with F.linear in eager mode: there a gemv call costs ~66-97 us of host time against F.linear's 18 on the
     H100 machine (eager decode, qwen2.5-0.5b bf16: 28.7 / 26.5 -> 22.3 / 21.4 ms per token without it, llama-2-7b
     29.4 -> 27.6; a short prompt's eager prefill, llama-2-7b, batch 2: first token 31-55 ms against 24-34)."""
     rows = x.numel() // x.size(-1)
     if gemv is None or not x.is_cuda or w.dim() != 2 or not w.is_contiguous():
         return False
-    if not w.is_floating_point():
-        return rows == 1
+    if rows == 1 and not w.is_floating_point():
+        return True
     return rows <= DOT_ROWS and torch.compiler.is_compiling()
 
 
@@ -672,7 +680,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def few_rows(self, x: Tensor) -> bool:
-        """On CUDA, one row (every product an int8 or float matrix) or up to DOT_ROWS rows of float matrices where
+        """On CUDA, one row (every product an int8 or float matrix) or up to DOT_ROWS rows of such matrices where
         use_gemv allows them, gate and up merged, no hooks (tp.py's all-reduce after wo and w2)."""
         a, f = self.attention, self.feed_forward
         return f.w13 is not None and \

@@ -89,8 +89,9 @@ class WeightOnlyInt8Linear(nn.Module):
             self.weight = self.weight.to(torch.float16)
 
     def forward(self, x: Tensor) -> Tensor:
-        if use_gemv(x, self.weight):  # one row on CUDA: model.py's Triton kernel (H100 llama-2-7b: 5.35 -> 3.61 ms)
-            return gemv(x.reshape(1, -1).contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
+        if use_gemv(x, self.weight):  # few rows on CUDA: model.py's Triton kernels (H100 llama-2-7b: 5.35 -> 3.61 ms)
+            rows = x.reshape(-1, x.size(-1)).contiguous()
+            return gemv(rows, self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
         w = self.weight.to(dtype=x.dtype)  # on GPU the cast fuses into inductor's reduction: int8 crosses the bus
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
             # one row on CPU, compiled: a fused reduction over the stored weight (F.linear would write a float copy)

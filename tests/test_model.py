@@ -222,9 +222,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 def test_gpu_gemv_matches_float64(n, k, wdtype, m):
     # model.gemv, the product of decode's few rows (the block's four calls, w2 and biased q/k/v elsewhere, every int8
-    # layer at one row), with and without bias
-    if wdtype == torch.int8 and m > 1:
-        pytest.skip("int8 weights take one row")
+    # layer), with and without bias
     g = torch.Generator().manual_seed(n + k)
     if wdtype == torch.int8:
         w, s = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), (torch.rand(n, generator=g) + .5) / 512
@@ -287,16 +285,14 @@ def test_attention_kernels_compile_for_sm90(dtype, qk_norm, bm, bs):
 
 
 @needs_triton
-@pytest.mark.parametrize("wdtype", ["bf16", "i8"])
+@pytest.mark.parametrize("wdtype,xdtype", [("bf16", "bf16"), ("i8", "bf16"), ("i8", "fp32")])
 @pytest.mark.parametrize("fused", [False, True])  # scale, bias, RMSNorm, silu-mul and residual folded in, or none
-def test_gemv_kernels_compile_for_sm90(wdtype, fused):
-    x = "*fp32" if wdtype == "i8" else "*bf16"
+def test_gemv_kernels_compile_for_sm90(wdtype, xdtype, fused):
+    x = "*" + xdtype
     pointers = dict(X=x, W="*" + wdtype, S="*fp32", B=x, G=x, R=x, Y=x)
     flags = dict(SCALED=fused and wdtype == "i8", BIAS=fused, NORM=fused, GLU=fused, RESIDUAL=fused, PDL=True)
     for kernel, extra in ((model_module._gemv_kernel, {}), (model_module._rows_kernel, dict(BLOCK_M=2)),
                           (model_module._dot_rows_kernel, dict(BLOCK_M=16))):
-        if extra and wdtype == "i8":
-            continue  # int8 weights take one row
         # the smallest and largest tiles the kernel can run with (the rows kernel prunes its list per row count)
         rows = kernel is model_module._rows_kernel
         configs = model_module._rows_configs(kernel.configs, None, **extra) if rows else kernel.configs

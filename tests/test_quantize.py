@@ -247,6 +247,7 @@ def test_int4_gpu_kernel_matches_dequantize_reference(n, k, groupsize, padded, d
 def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groupsize):
     if mode == "int8" and model_module.gemv is None:
         pytest.skip("the int8 decode kernel needs Triton")
+    torch._dynamo.reset()  # each case compiles one, two and four rows: past dynamo's recompile limit otherwise
     hf, ckpt_dir = tiny(name)
     path = quantized(ckpt_dir, mode, groupsize)
     model = generate.load_model(path, "cuda", dtype)
@@ -257,8 +258,10 @@ def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groups
     with torch.no_grad():
         out = [model(ids[:, :20].cuda(), torch.arange(20, device="cuda")),
                model(ids[:, 20:24].cuda(), torch.arange(20, 24, device="cuda"))]
-        for i in range(24, 40):  # one token per step, compiled: int8 takes the Triton kernel
+        for i in range(24, 34):  # one token per step, compiled: int8 and int4 take the Triton kernels
             out.append(step(ids[:, i:i + 1].cuda(), torch.tensor([i], device="cuda")).clone())
+        for i, j in ((34, 36), (36, 40)):  # two and four rows, compiled: the few-row kernels (a draft, a verify)
+            out.append(step(ids[:, i:j].cuda(), torch.arange(i, j, device="cuda")).clone())
     got = torch.cat(out, dim=1).double().cpu()
     # int4's kernel takes bfloat16 activations; garbage gives ~1.4
     assert rel_err(got, ref) < (1e-4 if mode == "int8" and dtype == torch.float32 else 3e-2)
@@ -285,18 +288,18 @@ def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residu
 @pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
 def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
-    # On CUDA a block of int8 or float layers runs one token (float: up to model.DOT_ROWS rows: the draft's two-token
-    # step, the verify's k + 1, a short prompt, a small batch) as four kernel calls with the residual adds folded in,
-    # and the norms and silu-mul too where model.gemv_folds (TransformerBlock.forward_few_rows), gate and up merged
-    # (model.merge_gate_up). Here the kernel is replaced by its contract in float64 (gemv_float64) so that the wiring
-    # (which norm, which residual, gate before up, rows kept apart) is checked on CPU against the plain block; float
-    # layers are merged after the plain run.
+    # On CUDA a block of int8 or float layers runs up to model.DOT_ROWS rows (one token, the draft's two-token step,
+    # the verify's k + 1, a short prompt, a small batch; more than one row under torch.compile) as four kernel calls
+    # with the residual adds folded in, and the norms and silu-mul too where model.gemv_folds
+    # (TransformerBlock.forward_few_rows), gate and up merged (model.merge_gate_up). Here the kernel is replaced by
+    # its contract in float64 (gemv_float64) so that the wiring (which norm, which residual, gate before up, rows
+    # kept apart) is checked on CPU against the plain block; float layers are merged after the plain run.
     hf, ckpt_dir = tiny(name)
     model = generate.load_model(quantized(ckpt_dir, "int8") if mode == "int8" else ckpt_dir / "model.pth", "cpu",
                                 torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
-    # int8: one token of one sequence per step; float: a 5-token prompt (5 rows, a verify's shape), then single tokens
-    bsz, first = (1, 1) if mode == "int8" else (1, 5)
+    # a 5-token prompt (5 rows, a verify's shape), then single tokens
+    bsz, first = 1, 5
 
     def decode():
         model.setup_caches(bsz, 16)
@@ -313,8 +316,7 @@ def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
         elif isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.contiguous()
     calls = []
-    max_rows = 1 if mode == "int8" else model_module.DOT_ROWS
-    monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() // x.size(-1) <= max_rows)
+    monkeypatch.setattr(model_module, "use_gemv", lambda x, w: x.numel() // x.size(-1) <= model_module.DOT_ROWS)
 
     def gemv(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
         calls.append(1)  # rows on tensor cores (the 5-row prompt) get the norms and silu-mul done, as the kernel asks
@@ -323,7 +325,7 @@ def test_fused_block_matches_the_plain_block(tiny, name, mode, monkeypatch):
     monkeypatch.setattr(model_module, "gemv", gemv)
     fused = decode()
     # every block of every step took the fused path, and the head (final norm folded in) every one-row step
-    assert len(calls) == (13 - first) * model.config.n_layer * 4 + (12 - first) + (first == 1)
+    assert len(calls) == (13 - first) * model.config.n_layer * 4 + (12 - first)
     assert rel_err(fused, plain) < 1e-5
 
 
