@@ -533,11 +533,10 @@ if triton is not None:
     def gemv(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
              glu: bool = False) -> Tensor:
-        """x [M, K] (up to DOT_ROWS rows), w [N, K] contiguous, float or int8 with scales
-        [N], bias [N] -> x w^T * scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's);
-        residual [M, N] is added at the end. Folded in where gemv_folds(M, w) (one row, the two-row kernel): glu, x
-        [M, 2K] is gate and up and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that
-        weight and eps."""
+        """x [M, K] (up to DOT_ROWS rows), w [N, K] contiguous, float or int8 with scales [N], bias [N] -> x w^T *
+        scales + bias [M, N], in x's dtype promoted with the scales' (and the residual's); residual [M, N] is added
+        at the end. Folded in where gemv_folds(M, w) (one row, the two-row kernel): glu, x [M, 2K] is gate and up
+        and the input is silu(gate) * up; norm_weight, the input is RMSNorm(x) with that weight and eps."""
         (m, _), (n, k) = x.shape, w.shape
         y = x.new_empty(m, n, dtype=_gemv_dtype(x, scales, residual))
         pdl = use_pdl(x.device)
