@@ -252,9 +252,10 @@ if triton is not None:
         return _pair_dot(a0, x0) + _pair_dot(a1, x1) + _pair_dot(a2, x2) + _pair_dot(a3, x3)
 
     @triton.jit
-    def _int4_tile(W, SZ, n, g, j, N, KW, GW: tl.constexpr):
-        # words [1, BLOCK_N, groups, GW] and their groups' scales [1, BLOCK_N, groups, 1], read once
-        live = (n < N) & (g < KW // GW)
+    def _int4_tile(W, SZ, n, g, j, N, KW, end, GW: tl.constexpr):
+        # words [.., BLOCK_N, groups, GW] and their groups' scales [.., BLOCK_N, groups, 1] of the groups before end,
+        # read once
+        live = (n < N) & (g < end)
         w = tl.load(W + n.to(tl.int64) * KW + g * GW + j, mask=live, other=0, eviction_policy="evict_first")
         sz = tl.load(SZ + n.to(tl.int64) * (KW // GW) + g, mask=live, other=0, eviction_policy="evict_first")
         return w, sz
@@ -282,14 +283,14 @@ if triton is not None:
         n = rn[None, :, None, None]
         g = tl.arange(0, BLOCK_K // (8 * GW))[None, None, :, None]
         j = tl.arange(0, GW)[None, None, None, :]
-        w, sz = _int4_tile(W, SZ, n, g, j, N, KW, GW)
+        w, sz = _int4_tile(W, SZ, n, g, j, N, KW, KW // GW, GW)
         if PDL:  # the first tile is read while the kernel before finishes; x after it has
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = _int4_step(X, m, n, g, j, M, KW, w, sz, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // (8 * GW), GW], tl.float32),
                          GW, ASM)
         for g0 in range(BLOCK_K // (8 * GW), KW // GW, BLOCK_K // (8 * GW)):
-            w, sz = _int4_tile(W, SZ, n, g0 + g, j, N, KW, GW)
+            w, sz = _int4_tile(W, SZ, n, g0 + g, j, N, KW, KW // GW, GW)
             acc = _int4_step(X, m, n, g0 + g, j, M, KW, w, sz, acc, GW, ASM)
         y = tl.sum(tl.sum(acc, 3), 2)
         rm = tl.arange(0, BLOCK_M)
@@ -318,9 +319,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for g0 in range(start, end, BG):
-            live = (n < N) & (g0 + g < end)
-            w = tl.load(W + n.to(tl.int64) * KW + (g0 + g) * GW + j, mask=live, other=0, eviction_policy="evict_first")
-            sz = tl.load(SZ + n.to(tl.int64) * n_groups + g0 + g, mask=live, other=0, eviction_policy="evict_first")
+            w, sz = _int4_tile(W, SZ, n, g0 + g, j, N, KW, end, GW)
             a0, a1, a2, a3 = _int4_pairs(w, sz, ASM)
             l0, h0 = _halves(a0)
             l1, h1 = _halves(a1)
