@@ -95,3 +95,20 @@ def build_variant(name: str, root: Path):
 def variant(request, tmp_path_factory):
     hf, ckpt_dir = build_variant(request.param, tmp_path_factory.mktemp("variants"))
     return request.param, hf, ckpt_dir
+
+
+# The Triton kernels compiled for an H100 (sm_90) on this machine, no GPU needed: the Triton interpreter that runs
+# them on CPU does not check what the compiler refuses (a loop-carried variable changing shape cost a GPU call once).
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the jit function under triton.autotune
+    signature, consts = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name], consts[(i,)] = "constexpr", constexprs[name]
+        else:
+            signature[name] = pointers.get(name, "fp32" if name == "eps" else "i32")
+    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))

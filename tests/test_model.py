@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 import model as model_module
 from generate import generate, load_model
+from conftest import compile_for_sm90
 
 
 def load(ckpt_dir):
@@ -250,22 +251,6 @@ def test_gpu_gemv_matches_float64(n, k, wdtype, m):
     assert got.dtype == torch.float32 and rel_err(got.cpu(), want) < tol
     for i in range(m):  # each row on its own: a row's result does not depend on the others
         assert rel_err(got[i].cpu(), want[i]) < tol
-
-
-# The Triton kernels compiled for an H100 (sm_90) on this machine, no GPU needed: the Triton interpreter that runs
-# them on CPU does not check what the compiler refuses (a loop-carried variable changing shape cost a GPU call once).
-def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the jit function under triton.autotune
-    signature, consts = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name], consts[(i,)] = "constexpr", constexprs[name]
-        else:
-            signature[name] = pointers.get(name, "fp32" if name == "eps" else "i32")
-    return model_module.triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                                       options=dict(num_warps=num_warps))
 
 
 needs_triton = pytest.mark.skipif(getattr(model_module, "triton", None) is None, reason="needs Triton")

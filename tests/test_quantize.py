@@ -14,7 +14,7 @@ import torch
 import generate
 import model as model_module
 import quantize
-from conftest import ROOT, build_variant
+from conftest import ROOT, build_variant, compile_for_sm90
 from model import Transformer
 
 
@@ -213,6 +213,21 @@ def test_int8_gpu_kernel_matches_dequantize_reference(n, k, dtype):
                 # float32: the kernel and F.linear sum in float32; bfloat16: the scales, the bias and the
                 # output are rounded to bfloat16 (2^-9 each)
                 assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(quantize.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("rows,tile", [(1, (4, 512, 4)), (1, (8, 1024, 8)), (2, (8, 512, 8))])
+def test_int4_kernels_compile_for_sm90(rows, tile):
+    # the one- and two-row kernel at the tiles _int4_mm launches (g32 and g128 words per group), and the tensor-core
+    # kernel with split K, with the inline PTX the interpreter does not run
+    (bn, bk, warps), gw = tile, 4 if tile[0] == 4 else 16
+    consts = dict(GW=gw, PDL=True, ASM=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk)
+    assert compile_for_sm90(quantize._int4_kernel, dict(X="*i32", W="*i32", SZ="*i32", Y="*fp32"), consts,
+                            warps).asm["ptx"]
+    if rows == 1:
+        consts = dict(GW=gw, PDL=True, ASM=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=max(128, 8 * gw), SPLIT_K=2)
+        pointers = dict(X="*fp16", W="*i32", SZ="*i32", Y="*fp32")
+        assert compile_for_sm90(quantize._int4_dot_kernel, pointers, consts, 2).asm["ptx"]
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
