@@ -166,6 +166,13 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) ->
 INT4_ROWS = 16
 
 
+def int4_tile(rows: int, gw: int) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps) of the one- and two-row int4 kernel for groups of gw words: one row 4 x 512 / 4 warps
+    for groups of 32-64 codes, 8 x 1024 / 8 for 128-256; two rows 8 x 512 / 8; BLOCK_K at least one group."""
+    bn, bk, warps = (4, 512, 4) if rows == 1 and gw <= 8 else (8, 1024, 8) if rows == 1 else (8, 512, 8)
+    return bn, max(bk, 8 * gw), warps
+
+
 def pack_words(codes: Tensor) -> Tensor:
     """Codes [N, K] in 0..15 (K a multiple of 8) -> int32 words [N, K / 8] in the kernel's nibble order."""
     c = codes.to(torch.uint8).view(codes.size(0), -1, 8)
@@ -344,9 +351,8 @@ if triton is not None:
         gw = kw // sz.size(1)  # words per group
         y = x.new_empty(m, n, dtype=torch.float32)
         pdl = use_pdl(x.device)
-        if m <= 2:  # 1 row: 4 x 512 for groups of 32-64 codes, 8 x 1024 for 128-256; 2 rows: 8 x 512
-            bn, bk, warps = (4, 512, 4) if m == 1 and gw <= 8 else (8, 1024, 8) if m == 1 else (8, 512, 8)
-            bk = max(bk, 8 * gw)
+        if m <= 2:
+            bn, bk, warps = int4_tile(m, gw)
             _int4_kernel[(triton.cdiv(n, bn),)](x.view(torch.int32), w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM,
                                                 BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3,
                                                 launch_pdl=pdl)

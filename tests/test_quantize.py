@@ -216,11 +216,12 @@ def test_int8_gpu_kernel_matches_dequantize_reference(n, k, dtype):
 
 
 @pytest.mark.skipif(quantize.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("rows,tile", [(1, (4, 512, 4)), (1, (8, 1024, 8)), (2, (8, 512, 8))])
-def test_int4_kernels_compile_for_sm90(rows, tile):
-    # the one- and two-row kernel at the tiles _int4_mm launches (g32 and g128 words per group), and the tensor-core
-    # kernel with split K, with the inline PTX the interpreter does not run
-    (bn, bk, warps), gw = tile, 4 if tile[0] == 4 else 16
+@pytest.mark.parametrize("rows,groupsize", [(1, 32), (1, 128), (2, 32)])
+def test_int4_kernels_compile_for_sm90(rows, groupsize):
+    # the one- and two-row kernel at the tiles _int4_mm launches (quantize.int4_tile), and the tensor-core kernel with
+    # split K, with the inline PTX the interpreter does not run
+    gw = groupsize // 8
+    bn, bk, warps = quantize.int4_tile(rows, gw)
     consts = dict(GW=gw, PDL=True, ASM=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk)
     assert compile_for_sm90(quantize._int4_kernel, dict(X="*i32", W="*i32", SZ="*i32", Y="*fp32"), consts,
                             warps).asm["ptx"]
