@@ -13,7 +13,9 @@ import torch._inductor.config
 
 from model import CONFIG_NAME, CheckpointError, Transformer, merge_gate_up, open_checkpoint
 
-torch._inductor.config.coordinate_descent_tuning = True
+# inductor's coordinate-descent tuning stays off: on H100 it bought no decode speed (bf16, int8, qwen2.5-0.5b equal
+# within 0.003 ms per step, int4 0.03 ms slower with it), cost compile time (llama-2-7b int4 decode 34 -> 50 s cold)
+# and made each compile land 0.04-0.08 ms apart (scripts/bench_notes.md, twenty-second session)
 torch._inductor.config.triton.unique_kernel_names = True
 torch._inductor.config.fx_graph_cache = True  # later runs reuse compiled kernels
 # Programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes and waits for

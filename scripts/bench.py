@@ -333,7 +333,7 @@ def main():
     p.add_argument("--warm_compile", action="store_true", help="also time a recompile from the warm inductor cache")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 20 decode steps")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="inductor config overrides to compare, e.g. coordinate_descent_tuning=False")
+                   help="inductor config overrides to compare, e.g. coordinate_descent_tuning=True")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ckpt"),
                    help="random checkpoints for quantized modes and --first_token")
     p.add_argument("--speculate", nargs="*", default=[], metavar="DRAFT",
