@@ -160,17 +160,30 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) ->
 # convert exactly in float16's normal range). The weights are made as w = (c - 8) * scale + zero in float16 and
 # multiplied by x in float16 (the caller converts x): one or two rows by float16 pair multiply-adds, four pairs summed
 # in float16 and then in float32; 3-16 rows on tensor cores (float32 accumulator). On H100, llama-2-7b int4 g32:
-# 2.94 -> 2.70 ms per token against aten's tinygemm kernel (scripts/bench_notes.md, nineteenth session). More rows
-# dequantize to x's dtype and take F.linear (a prompt's prefill is compute-bound); keeping tinygemm's layout as well
-# would double int4's memory.
+# 2.94 -> 2.70 ms per token against aten's tinygemm kernel (scripts/bench_notes.md, nineteenth session), 2.20 with
+# the one-row tile of the twenty-second session. More rows dequantize to x's dtype and take F.linear (a prompt's
+# prefill is compute-bound); keeping tinygemm's layout as well would double int4's memory.
 INT4_ROWS = 16
 
 
-def int4_tile(rows: int, gw: int) -> tuple:
-    """(BLOCK_N, BLOCK_K, warps) of the one- and two-row int4 kernel for groups of gw words: one row 4 x 512 / 4 warps
-    for groups of 32-64 codes, 8 x 1024 / 8 for 128-256; two rows 8 x 512 / 8; BLOCK_K at least one group."""
-    bn, bk, warps = (4, 512, 4) if rows == 1 and gw <= 8 else (8, 1024, 8) if rows == 1 else (8, 512, 8)
-    return bn, max(bk, 8 * gw), warps
+def int4_tile(rows: int, gw: int, n: int, kw: int, sms: int) -> tuple:
+    """(BLOCK_G, warps) of the one- and two-row int4 kernel for n x kw words in groups of gw words: four words per
+    thread and weight row for one row, two for two rows (four moved the tile through shared memory); 4 warps for
+    groups of 32 codes, 2 for larger groups, 8 where the four-row programs number under two per SM (sms SMs); fewer
+    warps, then fewer words, where a row is shorter than the tile."""
+    warps = 8 if -(-n // 4) < 2 * sms else 4 if gw <= 4 else 2
+    per, width = (4 if rows == 1 else 2), 1 << (kw - 1).bit_length()
+    while warps > 2 and per * 32 * warps > width:
+        warps //= 2
+    while per > 1 and per * 32 * warps > width:
+        per //= 2
+    return max(1, per * 32 * warps // gw), warps
+
+
+def int4_planes(x16: Tensor) -> Tensor:
+    """float16 x [M, K] -> its pairs in the four planes the one- and two-row kernel reads, [M, 4, K / 8, 2]: pair p
+    of word k (columns 8k + 2p and 8k + 2p + 1) at [m, p, k]."""
+    return x16.view(x16.size(0), -1, 4, 2).transpose(1, 2).contiguous()
 
 
 def pack_words(codes: Tensor) -> Tensor:
@@ -268,40 +281,73 @@ if triton is not None:
         return w, sz
 
     @triton.jit
-    def _int4_step(X, m, n, g, j, M, KW, w, sz, acc, GW: tl.constexpr, ASM: tl.constexpr):
+    def _int4_row(W, SZ, r, N, NG, g, j, GW: tl.constexpr):
+        # weight row r's words [1, groups, GW] and its groups' scales [1, groups, 1], read once
+        live = (g < NG) & (r < N)
+        w = tl.load(W + r.to(tl.int64) * (NG * GW) + g * GW + j, mask=live, other=0, eviction_policy="evict_first")
+        sz = tl.load(SZ + r.to(tl.int64) * NG + g, mask=live, other=0, eviction_policy="evict_first")
+        return w, sz
+
+    @triton.jit
+    def _int4_rows(W, SZ, r, N, NG, g, j, GW: tl.constexpr):  # rows r .. r + 3
+        w0, s0 = _int4_row(W, SZ, r, N, NG, g, j, GW)
+        w1, s1 = _int4_row(W, SZ, r + 1, N, NG, g, j, GW)
+        w2, s2 = _int4_row(W, SZ, r + 2, N, NG, g, j, GW)
+        w3, s3 = _int4_row(W, SZ, r + 3, N, NG, g, j, GW)
+        return w0, s0, w1, s1, w2, s2, w3, s3
+
+    @triton.jit
+    def _int4_acc(w, sz, x0, x1, x2, x3, acc, ASM: tl.constexpr):
         a0, a1, a2, a3 = _int4_pairs(w, sz, ASM)
-        xp = X + m * (4 * KW) + (g * GW + j) * 4  # [BLOCK_M, 1, groups, GW]: x's four pairs of each word
-        live = (m < M) & (g < KW // GW)
-        x0, x1 = tl.load(xp, mask=live, other=0), tl.load(xp + 1, mask=live, other=0)
-        x2, x3 = tl.load(xp + 2, mask=live, other=0), tl.load(xp + 3, mask=live, other=0)
         return acc + _int4_dot(a0, a1, a2, a3, x0, x1, x2, x3, ASM)
 
-    # Tiles are fixed, not autotuned: in the model's process Triton's autotuner picked tiles up to 4x slower than the
-    # best (llama-2-7b q/k/v: 16 x 1024 / 8 warps, 64 us against 17 at 4 x 512 / 4; 3.25-4.57 ms per token against
-    # 2.70 with the tiles below). Chosen from the sm_90 SASS (tiles whose loop keeps everything in registers: others,
-    # and loads of another shape than the words', move tiles through shared memory with barriers every iteration) and
-    # the H100 micro-benchmark (scripts/bench_notes.md, nineteenth session).
+    @triton.jit
+    def _int4_rows_step(X, m, M, KW, g, j, w0, s0, w1, s1, w2, s2, w3, s3, acc0, acc1, acc2, acc3,
+                        GW: tl.constexpr, ASM: tl.constexpr):
+        # x's four float16 pairs of each word [BLOCK_M, groups, GW] from its four planes, read once for the four rows
+        xp = X + m * (4 * KW) + g * GW + j
+        live = (m < M) & (g < KW // GW)
+        x0, x1 = tl.load(xp, mask=live, other=0), tl.load(xp + KW, mask=live, other=0)
+        x2, x3 = tl.load(xp + 2 * KW, mask=live, other=0), tl.load(xp + 3 * KW, mask=live, other=0)
+        return (_int4_acc(w0, s0, x0, x1, x2, x3, acc0, ASM), _int4_acc(w1, s1, x0, x1, x2, x3, acc1, ASM),
+                _int4_acc(w2, s2, x0, x1, x2, x3, acc2, ASM), _int4_acc(w3, s3, x0, x1, x2, x3, acc3, ASM))
+
+    @triton.jit
+    def _int4_store(Y, rm, M, N, r, acc):
+        tl.store(Y + rm * N + r, tl.sum(tl.sum(acc, 2), 1), mask=(rm < M) & (r < N))
+
+    # One or two rows: four weight rows per program, each thread holding the same words of all four, so that x's
+    # pairs are read once for them (a tile of rows spread over threads read x once per row: four loads per word, ~49
+    # instructions per word in the sm_90 SASS against ~29 here, and the kernel was bound by instruction issue).
+    # Tiles are fixed, not autotuned (int4_tile; in the model's process Triton's autotuner picked tiles up to 4x slower
+    # than the best): four words per thread and row, from the H100 micro-benchmark (scripts/bench_notes.md,
+    # twenty-second session).
     @triton.jit
     def _int4_kernel(X, W, SZ, Y, M, N, KW, GW: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # X: x in float16 [M, 8 KW] read as int32 pairs; W: words [N, KW]; SZ: [N, KW / GW]; Y: float32 [M, N]
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)[:, None, None, None]
-        n = rn[None, :, None, None]
-        g = tl.arange(0, BLOCK_K // (8 * GW))[None, None, :, None]
-        j = tl.arange(0, GW)[None, None, None, :]
-        w, sz = _int4_tile(W, SZ, n, g, j, N, KW, KW // GW, GW)
+                     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        # X: x's float16 pairs in planes, int32 [M, 4, KW] (pair p of word k at [m, p, k]); W: words [N, KW];
+        # SZ: [N, KW / GW]; Y: float32 [M, N]
+        r = tl.program_id(0) * 4
+        NG = KW // GW
+        m = tl.arange(0, BLOCK_M)[:, None, None]
+        g = tl.arange(0, BLOCK_G)[None, :, None]
+        j = tl.arange(0, GW)[None, None, :]
+        w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, NG, g, j, GW)
         if PDL:  # the first tile is read while the kernel before finishes; x after it has
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        acc = _int4_step(X, m, n, g, j, M, KW, w, sz, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // (8 * GW), GW], tl.float32),
-                         GW, ASM)
-        for g0 in range(BLOCK_K // (8 * GW), KW // GW, BLOCK_K // (8 * GW)):
-            w, sz = _int4_tile(W, SZ, n, g0 + g, j, N, KW, KW // GW, GW)
-            acc = _int4_step(X, m, n, g0 + g, j, M, KW, w, sz, acc, GW, ASM)
-        y = tl.sum(tl.sum(acc, 3), 2)
+        acc = tl.zeros([BLOCK_M, BLOCK_G, GW], tl.float32)
+        acc0, acc1, acc2, acc3 = _int4_rows_step(X, m, M, KW, g, j, w0, s0, w1, s1, w2, s2, w3, s3, acc, acc, acc, acc,
+                                                 GW, ASM)
+        for g0 in range(BLOCK_G, NG, BLOCK_G):
+            w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, NG, g0 + g, j, GW)
+            acc0, acc1, acc2, acc3 = _int4_rows_step(X, m, M, KW, g0 + g, j, w0, s0, w1, s1, w2, s2, w3, s3,
+                                                     acc0, acc1, acc2, acc3, GW, ASM)
         rm = tl.arange(0, BLOCK_M)
-        tl.store(Y + rm[:, None] * N + rn[None, :], y, mask=(rm < M)[:, None] & (rn < N)[None, :])
+        _int4_store(Y, rm, M, N, r, acc0)
+        _int4_store(Y, rm, M, N, r + 1, acc1)
+        _int4_store(Y, rm, M, N, r + 2, acc2)
+        _int4_store(Y, rm, M, N, r + 3, acc3)
 
     # 3 to INT4_ROWS rows: split along K too (partial sums added atomically into a zeroed output): a program's tile
     # stays in registers with no pipelined loads, so more warps per SM hide the loads' latency
@@ -352,10 +398,10 @@ if triton is not None:
         y = x.new_empty(m, n, dtype=torch.float32)
         pdl = use_pdl(x.device)
         if m <= 2:
-            bn, bk, warps = int4_tile(m, gw)
-            _int4_kernel[(triton.cdiv(n, bn),)](x.view(torch.int32), w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM,
-                                                BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3,
-                                                launch_pdl=pdl)
+            assert x.shape == (m, 4, kw, 2), "one or two rows of x come in planes (int4_planes)"
+            bg, warps = int4_tile(m, gw, n, kw, sm_count(x.device))
+            _int4_kernel[(triton.cdiv(n, 4),)](x.view(torch.int32), w, sz, y, m, n, kw, GW=gw, PDL=pdl, ASM=_ASM,
+                                               BLOCK_M=m, BLOCK_G=bg, num_warps=warps, launch_pdl=pdl)
             return y
         bn, bk = 32, max(128, 8 * gw)
         programs = triton.cdiv(n, bn)  # split K until there are about two programs per SM, at most 8 ways
@@ -369,8 +415,8 @@ if triton is not None:
     # tens of microseconds of host time per call).
     @torch.library.custom_op("gptfast::int4_mm", mutates_args=())
     def int4_mm(x: Tensor, w: Tensor, sz: Tensor) -> Tensor:
-        """x float16 [M, K] contiguous (M <= INT4_ROWS), w int32 [N, K / 8] (pack_words), sz int32 [N, K / groupsize]
-        (pack_scales) -> x w^T in float32 [M, N]."""
+        """x float16 [M, K] contiguous (M <= INT4_ROWS; one or two rows as int4_planes gives them), w int32
+        [N, K / 8] (pack_words), sz int32 [N, K / groupsize] (pack_scales) -> x w^T in float32 [M, N]."""
         return _int4_mm(x, w, sz)
 
     @int4_mm.register_fake
@@ -422,6 +468,7 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.kernel == "triton" and x.size(0) <= INT4_ROWS:
             # the kernel multiplies in float16: x is clamped to its range first (65280 is a bfloat16 value too)
             x16 = x.clamp(-65280, 65280).to(torch.float16).contiguous()
+            x16 = int4_planes(x16) if x16.size(0) <= 2 else x16
             mm = int4_mm if torch.compiler.is_compiling() else _int4_mm
             y = mm(x16, self.weight_packed, self.scales_packed).to(x.dtype)
         elif self.kernel == "triton":
