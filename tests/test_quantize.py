@@ -121,6 +121,16 @@ def test_cuda_word_layout_puts_column_j_in_nibble_nib_j():
     assert torch.equal(quantize.unpack_words(words), q)
 
 
+def test_int4_planes_put_pair_p_of_word_k_at_p_k():
+    # the one- and two-row kernel reads x's float16 pair p of word k (columns 8k + 2p, 8k + 2p + 1) from plane p
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    planes = quantize.int4_planes(x)
+    assert planes.shape == (2, 4, 8, 2) and planes.is_contiguous()
+    for p in range(4):
+        for k in range(8):
+            assert torch.equal(planes[:, p, k], x[:, 8 * k + 2 * p: 8 * k + 2 * p + 2])
+
+
 @pytest.mark.parametrize("groupsize", quantize.GROUPSIZES)
 def test_cuda_word_layout_dequantizes_like_the_reference(groupsize):
     w = torch.randn(24, 512, generator=torch.Generator().manual_seed(groupsize)) * 0.05
