@@ -229,7 +229,7 @@ def test_int8_gpu_kernel_matches_dequantize_reference(n, k, dtype):
 @pytest.mark.parametrize("rows,groupsize,n,k", [(1, 32, 4096, 4096), (1, 128, 896, 4864), (2, 32, 22016, 4096),
                                                 (2, 128, 3584, 18944)])
 def test_int4_kernels_compile_for_sm90(rows, groupsize, n, k):
-    # the one- and two-row kernel at the tiles _int4_mm launches on an H100 (quantize.int4_tile; 4 and 8 warps), and
+    # the one- and two-row kernel at the tiles _int4_mm launches on an H100 (quantize.int4_tile; 2, 4 and 8 warps), and
     # the tensor-core kernel with split K, with the inline PTX the interpreter does not run
     gw = groupsize // 8
     block_g, warps = quantize.int4_tile(rows, gw, n, k // 8, 132)
