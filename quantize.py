@@ -281,19 +281,11 @@ if triton is not None:
         return w, sz
 
     @triton.jit
-    def _int4_row(W, SZ, r, N, NG, g, j, GW: tl.constexpr):
-        # weight row r's words [1, groups, GW] and its groups' scales [1, groups, 1], read once
-        live = (g < NG) & (r < N)
-        w = tl.load(W + r.to(tl.int64) * (NG * GW) + g * GW + j, mask=live, other=0, eviction_policy="evict_first")
-        sz = tl.load(SZ + r.to(tl.int64) * NG + g, mask=live, other=0, eviction_policy="evict_first")
-        return w, sz
-
-    @triton.jit
-    def _int4_rows(W, SZ, r, N, NG, g, j, GW: tl.constexpr):  # rows r .. r + 3
-        w0, s0 = _int4_row(W, SZ, r, N, NG, g, j, GW)
-        w1, s1 = _int4_row(W, SZ, r + 1, N, NG, g, j, GW)
-        w2, s2 = _int4_row(W, SZ, r + 2, N, NG, g, j, GW)
-        w3, s3 = _int4_row(W, SZ, r + 3, N, NG, g, j, GW)
+    def _int4_rows(W, SZ, r, N, KW, g, j, GW: tl.constexpr):  # weight rows r .. r + 3, each [1, groups, GW]
+        w0, s0 = _int4_tile(W, SZ, r, g, j, N, KW, KW // GW, GW)
+        w1, s1 = _int4_tile(W, SZ, r + 1, g, j, N, KW, KW // GW, GW)
+        w2, s2 = _int4_tile(W, SZ, r + 2, g, j, N, KW, KW // GW, GW)
+        w3, s3 = _int4_tile(W, SZ, r + 3, g, j, N, KW, KW // GW, GW)
         return w0, s0, w1, s1, w2, s2, w3, s3
 
     @triton.jit
@@ -332,7 +324,7 @@ if triton is not None:
         m = tl.arange(0, BLOCK_M)[:, None, None]
         g = tl.arange(0, BLOCK_G)[None, :, None]
         j = tl.arange(0, GW)[None, None, :]
-        w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, NG, g, j, GW)
+        w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, KW, g, j, GW)
         if PDL:  # the first tile is read while the kernel before finishes; x after it has
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -340,7 +332,7 @@ if triton is not None:
         acc0, acc1, acc2, acc3 = _int4_rows_step(X, m, M, KW, g, j, w0, s0, w1, s1, w2, s2, w3, s3, acc, acc, acc, acc,
                                                  GW, ASM)
         for g0 in range(BLOCK_G, NG, BLOCK_G):
-            w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, NG, g0 + g, j, GW)
+            w0, s0, w1, s1, w2, s2, w3, s3 = _int4_rows(W, SZ, r, N, KW, g0 + g, j, GW)
             acc0, acc1, acc2, acc3 = _int4_rows_step(X, m, M, KW, g0 + g, j, w0, s0, w1, s1, w2, s2, w3, s3,
                                                      acc0, acc1, acc2, acc3, GW, ASM)
         rm = tl.arange(0, BLOCK_M)
