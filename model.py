@@ -373,6 +373,18 @@ if triton is not None:
         return w.to(tl.float32)
 
     @triton.jit
+    def _silu(x):
+        # x / (1 + 2 ** (-x log2(e))) by the approximate exp2 and reciprocal, subnormals flushed: ~6 instructions
+        # per input against ~15 for x / (1 + exp(-x)) with its range checks (sm_90 SASS); w2's products with
+        # silu-mul folded in, one row, H100: llama-2-7b int8 19.8 -> 18.3 us, qwen2.5-7b 31.4 -> 28.3
+        if _ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .f32 e; mul.ftz.f32 e, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 e, e; add.ftz.f32 e, e, 0f3F800000; "
+                "rcp.approx.ftz.f32 e, e; mul.ftz.f32 $0, $1, e; }", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                pack=1)
+        return x / (1.0 + tl.exp(-x))
+
+    @triton.jit
     def _weight_tile(W, rows, live, rk, K):
         # a [BLOCK_N, BLOCK_K] tile of weights (rows: the rows' offsets), read once, so evicted first from L2
         return tl.load(W + rows + rk[None, :], mask=live[:, None] & (rk < K)[None, :], other=0,
@@ -405,7 +417,7 @@ if triton is not None:
     def _gemv_step(X, G, K, rk, w, acc, sq, NORM: tl.constexpr, GLU: tl.constexpr):
         x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
         if GLU:  # X holds gate then up (2K values): the input is silu(gate) * up
-            x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            x = _silu(x) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
         if NORM:  # RMSNorm with weight G: the sum of squares here, the scalar 1 / rms applied at the end
             sq += x * x
             x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -441,6 +453,70 @@ if triton is not None:
             y += tl.load(R + rn, mask=live, other=0.0).to(tl.float32)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
 
+    # int8, one row, inputs at least INT8_ROWS_MIN_K wide: four weight rows per program, each a [BLOCK_K] tensor of x's
+    # shape, so that each thread holds the same 16 columns of all four and x is read once for them with no trip
+    # through shared memory (the tile above moves x's slice to the tile's layout through shared memory every step),
+    # and each row's 16 products are summed in the thread before joining its accumulator (one float32 per 16
+    # weights: ~72 registers against 128 for the tile above, so more programs and loads in flight per SM). H100,
+    # us per call against the tile above at its autotuned best: llama-2-7b gate+up 34.4 -> 32.1, qwen2.5-7b gate+up
+    # 51.4 -> 47.9, its head 190.9 -> 177.6 (scripts/bench_notes.md, twenty-third session).
+    @triton.jit
+    def _int8_row(W, r, N, K, rk):
+        return tl.load(W + r.to(tl.int64) * K + rk, mask=(rk < K) & (r < N), other=0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _int8_rows(W, r, N, K, rk):
+        return (_int8_row(W, r, N, K, rk), _int8_row(W, r + 1, N, K, rk), _int8_row(W, r + 2, N, K, rk),
+                _int8_row(W, r + 3, N, K, rk))
+
+    @triton.jit
+    def _sum16(w, x, acc, BLOCK_K: tl.constexpr):  # a row's products summed in runs of 16 columns, one per thread
+        return acc + tl.sum(tl.reshape(_as_float(w) * x, [BLOCK_K // 16, 16]), 1)
+
+    @triton.jit
+    def _int8_rows_step(X, G, K, rk, w0, w1, w2, w3, a0, a1, a2, a3, sq, NORM: tl.constexpr, GLU: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if GLU:
+            x = _silu(x) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if NORM:
+            sq += x * x
+            x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
+        return (_sum16(w0, x, a0, BLOCK_K), _sum16(w1, x, a1, BLOCK_K), _sum16(w2, x, a2, BLOCK_K),
+                _sum16(w3, x, a3, BLOCK_K), sq)
+
+    @triton.jit
+    def _int8_store(Y, S, B, R, r, N, acc, rstd, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+        live = r < N
+        y = tl.sum(acc, 0) * rstd * tl.load(S + r, mask=live, other=0.0).to(tl.float32)
+        if BIAS:
+            y += tl.load(B + r, mask=live, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y += tl.load(R + r, mask=live, other=0.0).to(tl.float32)
+        tl.store(Y + r, y.to(Y.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _int8_kernel(X, W, S, B, G, R, Y, N, K, eps, BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                     RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr):
+        r = tl.program_id(0) * 4
+        rk = tl.arange(0, BLOCK_K)
+        w0, w1, w2, w3 = _int8_rows(W, r, N, K, rk)
+        if PDL:  # the first tile is read while the kernel before finishes; x after it has
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        a0 = tl.zeros([BLOCK_K // 16], tl.float32)
+        sq = tl.zeros([BLOCK_K], tl.float32)
+        a0, a1, a2, a3, sq = _int8_rows_step(X, G, K, rk, w0, w1, w2, w3, a0, a0, a0, a0, sq, NORM, GLU, BLOCK_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w0, w1, w2, w3 = _int8_rows(W, r, N, K, rk)
+            a0, a1, a2, a3, sq = _int8_rows_step(X, G, K, rk, w0, w1, w2, w3, a0, a1, a2, a3, sq, NORM, GLU, BLOCK_K)
+        rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps) if NORM else 1.0
+        _int8_store(Y, S, B, R, r, N, a0, rstd, BIAS, RESIDUAL)
+        _int8_store(Y, S, B, R, r + 1, N, a1, rstd, BIAS, RESIDUAL)
+        _int8_store(Y, S, B, R, r + 2, N, a2, rstd, BIAS, RESIDUAL)
+        _int8_store(Y, S, B, R, r + 3, N, a3, rstd, BIAS, RESIDUAL)
+
     # Two rows (the speculative draft's two-token step, a batch of 2, a 2-token prompt): each weight tile is read once
     # for both rows and each product is a float32 multiply-add, as above, per row; the tile is chosen so that the
     # accumulator holds 16-64 floats per thread. The multiply-adds bound it: on H100 two rows cost 1.15-1.4x one row,
@@ -453,7 +529,7 @@ if triton is not None:
         xp = X + rm[:, None] * sx + rk[None, :]
         x = tl.load(xp, mask=live, other=0.0).to(tl.float32)
         if GLU:
-            x = x / (1.0 + tl.exp(-x)) * tl.load(xp + K, mask=live, other=0.0).to(tl.float32)
+            x = _silu(x) * tl.load(xp + K, mask=live, other=0.0).to(tl.float32)
         if NORM:
             sq += tl.sum(x * x, 1)
             x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
@@ -545,7 +621,12 @@ if triton is not None:
         flags = dict(SCALED=scales is not None, BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
                      RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        if m == 1:
+        if m == 1 and w.dtype == torch.int8 and scales is not None and k >= INT8_ROWS_MIN_K:
+            bk, warps = int8_tile(n, k, sm_count(x.device))
+            _int8_kernel[(triton.cdiv(n, 4),)](x, w, *operands, n, k, eps, BIAS=bias is not None,
+                                               NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual is not None,
+                                               PDL=pdl, BLOCK_K=bk, num_warps=warps, launch_pdl=pdl)
+        elif m == 1:
             _gemv_kernel[grid](x, w, *operands, n, k, eps, **flags)
         elif gemv_folds(m, w):
             _rows_kernel[grid](x, w, *operands, m, n, k, x.stride(0), eps, BLOCK_M=triton.next_power_of_2(m),
@@ -563,6 +644,20 @@ if triton is not None:
         return x.new_empty(x.size(0), w.size(0), dtype=_gemv_dtype(x, scales, residual))
 else:
     gemv = None
+
+
+# The int8 kernel of four rows per program serves inputs at least this wide; narrower ones (qwen2.5-0.5b's 896) were
+# faster with the tiles above (gate+up 4.9 against 6.0 us on H100)
+INT8_ROWS_MIN_K = 2048
+
+
+def int8_tile(n: int, k: int, sms: int) -> tuple:
+    """(BLOCK_K, warps) of the int8 four-row kernel for n x k weights: 16 columns per thread; 1 warp where the
+    programs (n / 4) number at least 64 per SM (sms SMs), 2 from 16, else 4, or 8 for inputs over 8192 wide (H100
+    micro-benchmark, scripts/bench_notes.md, twenty-third session)."""
+    per_sm = n / 4 / sms
+    warps = 1 if per_sm >= 64 else 2 if per_sm >= 16 else 4 if k <= 8192 else 8
+    return 16 * 32 * warps, warps
 
 
 MAX_ROWS = 2

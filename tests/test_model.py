@@ -284,3 +284,9 @@ def test_gemv_kernels_compile_for_sm90(wdtype, xdtype, fused):
         for config in (configs[0], configs[-1]):
             compiled = compile_for_sm90(kernel, pointers, dict(flags, **extra, **config.kwargs), config.num_warps)
             assert compiled.asm["ptx"]
+    if wdtype == "i8":  # the int8 four-row kernel at the tiles gemv launches on an H100 (int8_tile: 1, 2, 4, 8 warps)
+        int8_flags = {f: flags[f] for f in ("BIAS", "NORM", "GLU", "RESIDUAL", "PDL")}
+        for n, k in ((151936, 3584), (22016, 4096), (4096, 4096), (3584, 18944)):
+            block_k, warps = model_module.int8_tile(n, k, 132)
+            compiled = compile_for_sm90(model_module._int8_kernel, pointers, dict(int8_flags, BLOCK_K=block_k), warps)
+            assert compiled.asm["ptx"]
