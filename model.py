@@ -414,14 +414,31 @@ if triton is not None:
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=live2)
 
     @triton.jit
-    def _gemv_step(X, G, K, rk, w, acc, sq, NORM: tl.constexpr, GLU: tl.constexpr):
+    def _gemv_x(X, G, K, rk, sq, NORM: tl.constexpr, GLU: tl.constexpr):
+        # one row's inputs at columns rk in float32, and the running sum of squares
         x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
         if GLU:  # X holds gate then up (2K values): the input is silu(gate) * up
             x = _silu(x) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
         if NORM:  # RMSNorm with weight G: the sum of squares here, the scalar 1 / rms applied at the end
             sq += x * x
             x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
+        return x, sq
+
+    @triton.jit
+    def _gemv_step(X, G, K, rk, w, acc, sq, NORM: tl.constexpr, GLU: tl.constexpr):
+        x, sq = _gemv_x(X, G, K, rk, sq, NORM, GLU)
         return acc + _as_float(w) * x[None, :], sq
+
+    @triton.jit
+    def _gemv_store(Y, S, B, R, rn, live, y, SCALED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+        # one row's outputs y (float32) at rn: scaled, biased, the residual added, stored in Y's dtype
+        if SCALED:
+            y *= tl.load(S + rn, mask=live, other=0.0)
+        if BIAS:
+            y += tl.load(B + rn, mask=live, other=0.0)
+        if RESIDUAL:
+            y += tl.load(R + rn, mask=live, other=0.0).to(tl.float32)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
 
     # The tile is tuned once per shape and flags and the choice kept on disk (Triton's cache): a process that starts
     # warm does not time 13 configurations per shape again, and every process uses the same tiles.
@@ -445,13 +462,7 @@ if triton is not None:
         y = tl.sum(acc, 1)
         if NORM:
             y *= tl.rsqrt(tl.sum(sq, 0) / K + eps)
-        if SCALED:
-            y *= tl.load(S + rn, mask=live, other=0.0)
-        if BIAS:
-            y += tl.load(B + rn, mask=live, other=0.0)
-        if RESIDUAL:
-            y += tl.load(R + rn, mask=live, other=0.0).to(tl.float32)
-        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=live)
+        _gemv_store(Y, S, B, R, rn, live, y, SCALED, BIAS, RESIDUAL)
 
     # int8, one row, inputs at least INT8_ROWS_MIN_K wide: four weight rows per program, each a [BLOCK_K] tensor of x's
     # shape, so that each thread holds the same 16 columns of all four and x is read once for them with no trip
@@ -476,24 +487,13 @@ if triton is not None:
     @triton.jit
     def _int8_rows_step(X, G, K, rk, w0, w1, w2, w3, a0, a1, a2, a3, sq, NORM: tl.constexpr, GLU: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-        if GLU:
-            x = _silu(x) * tl.load(X + K + rk, mask=rk < K, other=0.0).to(tl.float32)
-        if NORM:
-            sq += x * x
-            x *= tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
+        x, sq = _gemv_x(X, G, K, rk, sq, NORM, GLU)
         return (_sum16(w0, x, a0, BLOCK_K), _sum16(w1, x, a1, BLOCK_K), _sum16(w2, x, a2, BLOCK_K),
                 _sum16(w3, x, a3, BLOCK_K), sq)
 
     @triton.jit
     def _int8_store(Y, S, B, R, r, N, acc, rstd, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-        live = r < N
-        y = tl.sum(acc, 0) * rstd * tl.load(S + r, mask=live, other=0.0).to(tl.float32)
-        if BIAS:
-            y += tl.load(B + r, mask=live, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            y += tl.load(R + r, mask=live, other=0.0).to(tl.float32)
-        tl.store(Y + r, y.to(Y.dtype.element_ty), mask=live)
+        _gemv_store(Y, S, B, R, r, r < N, tl.sum(acc, 0) * rstd, True, BIAS, RESIDUAL)
 
     @triton.jit
     def _int8_kernel(X, W, S, B, G, R, Y, N, K, eps, BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
