@@ -1,11 +1,15 @@
 # model.py and the HF converter against transformers, in float32, for every architecture variant.
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 import model as model_module
 from generate import generate, load_model
-from conftest import compile_for_sm90
+from conftest import ROOT, compile_for_sm90
 
 
 def load(ckpt_dir):
@@ -254,6 +258,20 @@ def test_gpu_gemv_matches_float64(n, k, wdtype, m):
 
 
 needs_triton = pytest.mark.skipif(getattr(model_module, "triton", None) is None, reason="needs Triton")
+
+
+@needs_triton
+def test_kernels_match_float64_in_the_triton_interpreter():
+    # model.gemv's kernels (one row of int8 on both one-row kernels, two rows, five rows on tensor cores; every folded
+    # step) and quantize's int4 kernels, run on CPU tensors by Triton's interpreter against float64: their masks,
+    # folds and launch choices without a GPU. The interpreter takes the plain-Triton paths; the inline PTX is checked
+    # by the GPU tests.
+    import numpy
+    assert tuple(int(v) for v in numpy.__version__.split(".")[:2]) < (2, 4), \
+        "Triton 3.6's interpreter fails on numpy 2.4: install requirements-test.txt (numpy<2.4)"
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "interpret_worker.py")], capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_INTERPRET="1"), timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 @needs_triton
