@@ -68,4 +68,32 @@ for m in (1, 2, 5):
         want = x16.double() @ quantize.dequantize_words(words, packed, gs).double().T
         check(f"int4 {m}x{n}x{k} g{gs}", got, want, 1e-5)  # against the same float16 weights and x
 
+# a whole small model's prefill and decode steps on the kernels (decode attention with rope, q/k norms and the cache
+# write; the block as four gemv calls; the head with the final norm folded in) against the same model in PyTorch ops
+torch.manual_seed(0)
+for name, cfg in (("gqa", dict()), ("qwen3", dict(qk_norm=True, head_dim=32)), ("qwen2", dict(qkv_bias=True))):
+    args = model.ModelArgs(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_local_heads=2, dim=64,
+                           intermediate_size=96, **cfg)
+    net = model.merge_gate_up(model.Transformer(args))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape) / 8 + (1 if p.dim() == 1 else 0))  # norms near 1, biases too: any values
+    ids = torch.randint(0, args.vocab_size, (1, 12), generator=g)
+    logits = {}
+    for kernels in (False, True):
+        use_gemv, use_attention = model.use_gemv, model.use_decode_attention_rope
+        if kernels:  # on CPU these say no: the Triton paths taken as on CUDA under torch.compile
+            model.use_gemv = lambda x, w: w.dim() == 2 and w.is_contiguous() and x.numel() // x.size(-1) <= 16
+            model.use_decode_attention_rope = lambda qkv, head_dim: qkv.size(1) <= 16
+        net.setup_caches(1, 64)
+        for b in net.layers:
+            b.attention.kv_cache.k_cache.zero_()
+            b.attention.kv_cache.v_cache.zero_()
+        with torch.no_grad():  # a 5-token prompt (the few-row paths), then one token per step
+            out = [net(ids[:, :5], torch.arange(5))]
+            out += [net(ids[:, i:i + 1], torch.tensor([i])) for i in range(5, 12)]
+        logits[kernels] = torch.cat(out, dim=1)
+        model.use_gemv, model.use_decode_attention_rope = use_gemv, use_attention
+    check(f"model {name}", logits[True], logits[False].double(), 1e-5)
+
 sys.exit(1 if failed else 0)

@@ -263,9 +263,10 @@ needs_triton = pytest.mark.skipif(getattr(model_module, "triton", None) is None,
 @needs_triton
 def test_kernels_match_float64_in_the_triton_interpreter():
     # model.gemv's kernels (one row of int8 on both one-row kernels, two rows, five rows on tensor cores; every folded
-    # step) and quantize's int4 kernels, run on CPU tensors by Triton's interpreter against float64: their masks,
-    # folds and launch choices without a GPU. The interpreter takes the plain-Triton paths; the inline PTX is checked
-    # by the GPU tests.
+    # step) and quantize's int4 kernels, run on CPU tensors by Triton's interpreter against float64, and small models
+    # (GQA, Qwen3's q/k norms, Qwen2's biases) decoding on the kernels (decode attention too) against PyTorch ops:
+    # masks, folds, launch choices and the block's wiring without a GPU. The interpreter takes the plain-Triton
+    # paths; the inline PTX is checked by the GPU tests.
     import numpy
     assert tuple(int(v) for v in numpy.__version__.split(".")[:2]) < (2, 4), \
         "Triton 3.6's interpreter fails on numpy 2.4: install requirements-test.txt (numpy<2.4)"
