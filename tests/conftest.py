@@ -112,3 +112,19 @@ def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 
             signature[name] = pointers.get(name, "fp32" if name == "eps" else "i32")
     return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps))
+
+
+def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
+    """model.gemv's contract in float64 torch ops (x [M, K] or [M, 2K] with glu), rounded to its output dtype: the
+    reference for the fused block run on CPU and for the kernels in Triton's interpreter (interpret_worker.py)."""
+    k, v = w.size(1), x.double()
+    if glu:
+        v = torch.nn.functional.silu(v[:, :k]) * v[:, k:]
+    if norm_weight is not None:
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = v @ w.double().T
+    y = y if scales is None else y * scales.double()
+    y = y if bias is None else y + bias.double()
+    y = y if residual is None else y + residual.double()
+    dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
+    return y.to(dtype if residual is None else torch.promote_types(dtype, residual.dtype))

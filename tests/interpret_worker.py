@@ -10,6 +10,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
 import quantize  # noqa: E402
+from conftest import gemv_float64  # noqa: E402  (this folder is on the path: the script's own)
 
 model.sm_count = quantize.sm_count = lambda device: 132  # the launches size their tiles for an H100
 # the autotuned kernels get one tile each (the interpreter cannot time them), with partial last blocks here
@@ -25,16 +26,6 @@ def check(name, got, want, tol):
     print(f"{'ok ' if err < tol else 'BAD'} {name}: {err:.1e}", flush=True)
     if not err < tol:
         failed.append(name)
-
-
-def gemv_float64(x, w, scales, bias, norm_weight, eps, residual, glu):
-    k, v = w.size(1), x.double()
-    if glu:
-        v = torch.nn.functional.silu(v[:, :k]) * v[:, k:]
-    if norm_weight is not None:
-        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    y = v @ w.double().T * (1 if scales is None else scales.double())
-    return y + (0 if bias is None else bias.double()) + (0 if residual is None else residual.double())
 
 
 # (rows, out, in): one row of int8 at least INT8_ROWS_MIN_K wide takes the four-row kernel, narrower the tiled one;
@@ -53,7 +44,7 @@ for m, n, k in [(1, 10, 2100), (1, 37, 300), (2, 37, 300), (5, 37, 300)]:
             args = (x, w, s, b if fused else None, nw if fused and fold else None, 1e-6, r if fused else None,
                     fused and fold)
             check(f"gemv {m}x{n}x{k} {wdtype} {'fused' if fused else 'plain'}", model.gemv(*args),
-                  gemv_float64(*args), 1e-5)
+                  gemv_float64(*args).double(), 1e-5)
 
 # int4: one and two rows (x in planes), five rows (tensor cores, K split); N not a multiple of 4
 for m in (1, 2, 5):

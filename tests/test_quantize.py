@@ -14,7 +14,7 @@ import torch
 import generate
 import model as model_module
 import quantize
-from conftest import ROOT, build_variant, compile_for_sm90
+from conftest import ROOT, build_variant, compile_for_sm90, gemv_float64
 from model import Transformer
 
 
@@ -297,22 +297,6 @@ def test_gpu_compiled_decode_matches_dequantized(tiny, name, dtype, mode, groups
 
 
 # ---------------------------------------------------------------------------------------------------- small models
-
-def gemv_float64(x, w, scales=None, bias=None, norm_weight=None, eps=0.0, residual=None, glu=False):
-    """model.gemv's contract in float64 torch ops (x [M, K] or [M, 2K] with glu), for running the fused block on
-    CPU."""
-    k, v = w.size(1), x.double()
-    if glu:
-        v = torch.nn.functional.silu(v[:, :k]) * v[:, k:]
-    if norm_weight is not None:
-        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    y = v @ w.double().T
-    y = y if scales is None else y * scales.double()
-    y = y if bias is None else y + bias.double()
-    y = y if residual is None else y + residual.double()
-    dtype = x.dtype if scales is None else torch.promote_types(x.dtype, scales.dtype)
-    return y.to(dtype if residual is None else torch.promote_types(dtype, residual.dtype))
-
 
 @pytest.mark.parametrize("mode", ["int8", "float"])
 @pytest.mark.parametrize("name", ["llama2", "qwen2_tied", "qwen3"])
